@@ -1,0 +1,147 @@
+"""Inference cost of adapters: difflora's processors (1 and 4 unfused adapters, fused) against the base UNet and
+against diffusers+PEFT ``set_adapters`` with the same adapters, on the same UNet config, in one run.
+
+    python bench/bench_inference.py                     # SD 1.5 UNet config (random weights), 32×32 latents
+    python bench/bench_inference.py --config tiny       # the embedded tiny model's UNet, for a quick look
+
+Prints median seconds per UNet forward (batch 2, as with classifier-free guidance) and ratios against the base.
+No weights are downloaded: the SD 1.5 UNet is built from its public config with random weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import platform
+import statistics
+import time
+from types import SimpleNamespace
+
+import torch
+from diffusers import UNet2DConditionModel
+from peft import LoraConfig
+
+from difflora import LoRARuntime
+
+# The public architecture of runwayml/stable-diffusion-v1-5's UNet (unet/config.json).
+SD15_UNET = dict(
+    sample_size=64,
+    in_channels=4,
+    out_channels=4,
+    block_out_channels=(320, 640, 1280, 1280),
+    layers_per_block=2,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=768,
+    attention_head_dim=8,
+    norm_num_groups=32,
+)
+ADAPTER_NAMES = ("a", "b", "c", "d")
+WEIGHTS = (0.7, -0.3, 0.5, 0.2)
+
+
+def build_unet(config: str) -> UNet2DConditionModel:
+    torch.manual_seed(0)
+    if config == "sd15":
+        return UNet2DConditionModel(**SD15_UNET).eval()
+    from difflora.models import load_pipeline
+
+    return load_pipeline(None, quiet=True).unet.eval()
+
+
+def time_forward(unet, latents, context, timestep) -> float:
+    start = time.perf_counter()
+    with torch.no_grad():
+        unet(latents, timestep, context)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", choices=("sd15", "tiny"), default="sd15")
+    parser.add_argument("--latent-size", type=int, default=32, help="latent side (32 = 256 px images for SD 1.5)")
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    base_unet = build_unet(args.config)
+    peft_unet = copy.deepcopy(base_unet)
+    ours_unet = copy.deepcopy(base_unet)
+    cross_dim = base_unet.config.cross_attention_dim
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.randn(2, 4, args.latent_size, args.latent_size, generator=generator)
+    context = torch.randn(2, 77, cross_dim, generator=generator)
+    timestep = torch.tensor(500)
+
+    # difflora: four adapters of random (non-zero) factors on every attention projection.
+    runtime = LoRARuntime(SimpleNamespace(unet=ours_unet))
+    for index, name in enumerate(ADAPTER_NAMES):
+        runtime.create_adapter(name, rank=args.rank, alpha=args.rank, init="random", seed=index)
+    states = {name: runtime.adapter_state(name) for name in ADAPTER_NAMES}
+
+    # diffusers + PEFT: the same four adapters, loaded as PEFT LoRA layers on the same projections.
+    for name in ADAPTER_NAMES:
+        peft_unet.add_adapter(
+            LoraConfig(r=args.rank, lora_alpha=args.rank, target_modules=["to_q", "to_k", "to_v", "to_out.0"]),
+            adapter_name=name,
+        )
+        with torch.no_grad():
+            for module_key, module in states[name].modules.items():
+                layer = peft_unet.get_submodule(module_key.removeprefix("unet."))
+                layer.lora_A[name].weight.copy_(module.down)
+                layer.lora_B[name].weight.copy_(module.up)
+
+    def ours(count):
+        def setup():
+            runtime.unfuse()
+            runtime.set_weights({n: (WEIGHTS[i] if i < count else 0.0) for i, n in enumerate(ADAPTER_NAMES)})
+
+        return setup
+
+    def ours_fused():
+        runtime.set_weights(dict(zip(ADAPTER_NAMES, WEIGHTS)))
+        runtime.fuse()
+
+    def peft(count):
+        return lambda: peft_unet.set_adapters(list(ADAPTER_NAMES[:count]), list(WEIGHTS[:count]))
+
+    variants = {
+        "base": (base_unet, lambda: None),
+        "difflora 1 adapter": (ours_unet, ours(1)),
+        "difflora 4 adapters": (ours_unet, ours(4)),
+        "difflora 4 fused": (ours_unet, ours_fused),
+        "diffusers+PEFT 1 adapter": (peft_unet, peft(1)),
+        "diffusers+PEFT 4 adapters": (peft_unet, peft(4)),
+    }
+    # Check the two implementations compute the same thing before timing them.
+    with torch.no_grad():
+        ours(4)()
+        peft(4)()
+        difference = (ours_unet(latents, timestep, context).sample - peft_unet(latents, timestep, context).sample).abs().max()
+    samples: dict[str, list[float]] = {name: [] for name in variants}
+    for name, (unet, setup) in variants.items():  # warm-up
+        setup()
+        time_forward(unet, latents, context, timestep)
+    for _ in range(args.rounds):  # interleaved rounds, so drift in machine speed hits every variant alike
+        for name, (unet, setup) in variants.items():
+            setup()
+            samples[name].append(time_forward(unet, latents, context, timestep))
+    runtime.unfuse()
+
+    print(f"UNet config: {args.config}, latents 2×4×{args.latent_size}×{args.latent_size}, rank {args.rank}, "
+          f"{args.rounds} rounds, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+          f"{platform.processor() or platform.machine()}")
+    print(f"max |difflora − PEFT| on the 4-adapter output: {difference:.2e}")
+    base = statistics.median(samples["base"])
+    print(f"{'variant':30s} {'median s':>9s} {'× base':>8s}")
+    for name, times in samples.items():
+        median = statistics.median(times)
+        print(f"{name:30s} {median:9.4f} {median / base:8.3f}")
+    ratio = statistics.median(samples["difflora 4 adapters"]) / statistics.median(samples["diffusers+PEFT 4 adapters"])
+    print(f"difflora 4 unfused / diffusers+PEFT 4: {ratio:.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,42 @@
+"""difflora: LoRA adapters for diffusion models — attention processors, multi-adapter runtime, files, training, UI."""
+
+__version__ = "0.1.0"
+
+from .blocks import BlockWeights
+from .errors import AdapterFileError, AdapterShapeError, DiffloraError, InvalidArgumentError, ModelLoadError
+from .formats import AdapterState, LoRAModuleWeights, read_adapter, write_adapter
+from .lora import LoRAFactors, MultiLoRA, lora_scale
+from .processors import AttentionSite, CLIPLoRAAttnProcessor, LoRAAttnProcessor
+from .runtime import AdapterInfo, LoRARuntime
+
+__all__ = [
+    "__version__",
+    "AdapterFileError",
+    "AdapterInfo",
+    "AdapterShapeError",
+    "AdapterState",
+    "AttentionSite",
+    "BlockWeights",
+    "CLIPLoRAAttnProcessor",
+    "DiffloraError",
+    "InvalidArgumentError",
+    "LoRAAttnProcessor",
+    "LoRAFactors",
+    "LoRAModuleWeights",
+    "LoRARuntime",
+    "ModelLoadError",
+    "MultiLoRA",
+    "load_pipeline",
+    "lora_scale",
+    "read_adapter",
+    "write_adapter",
+]
+
+
+def __getattr__(name: str):
+    # models.py imports diffusers' pipelines, which is slow; load it only when asked for.
+    if name in ("load_pipeline",):
+        from . import models
+
+        return getattr(models, name)
+    raise AttributeError(f"module 'difflora' has no attribute {name!r}")

@@ -1,0 +1,193 @@
+"""The ``difflora`` command line. Each sub-command opens its files here and calls the library.
+
+Bad input ends in one line ``difflora: error: <what and where>`` and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import DiffloraError, InvalidArgumentError
+
+__all__ = ["main", "parse_lora_spec", "LoRASpec"]
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (and still exit code 2)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+@dataclass(frozen=True)
+class LoRASpec:
+    path: Path
+    weight: float = 1.0
+
+
+def parse_lora_spec(text: str, option: str = "--lora") -> LoRASpec:
+    """``FILE`` or ``FILE:WEIGHT`` (weight any float, negative included). A path that exists as given wins."""
+    if Path(text).exists() or ":" not in text:
+        return LoRASpec(Path(text))
+    path_text, _, weight_text = text.rpartition(":")
+    try:
+        weight = float(weight_text)
+    except ValueError:
+        raise InvalidArgumentError(f"{option} {text}: weight {weight_text!r} is not a number") from None
+    if weight != weight or abs(weight) == float("inf"):
+        raise InvalidArgumentError(f"{option} {text}: weight {weight_text!r} must be finite")
+    return LoRASpec(Path(path_text), weight)
+
+
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model",
+        default="embedded",
+        help="'embedded' (the built-in tiny Stable Diffusion, default), a diffusers folder, a single-file "
+        ".safetensors checkpoint, or a hub id (downloads only then)",
+    )
+    parser.add_argument("--model-config", default=None, help="architecture for a single-file checkpoint (a diffusers folder or hub id)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps (default: auto)")
+    parser.add_argument("--dtype", default="auto", help="auto (fp16 on CUDA, else fp32), fp32, fp16 or bf16")
+
+
+def _cmd_init_model(args: argparse.Namespace) -> int:
+    from .models import build_tiny_model
+
+    output = Path(args.dir)
+    if output.exists() and any(output.iterdir()):
+        raise InvalidArgumentError(f"init-model: {output} exists and is not empty; give a new folder")
+    build_tiny_model(output, seed=args.seed)
+    print(f"wrote the embedded tiny Stable Diffusion to {output}")
+    return 0
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from .generate import AdapterUse, GenerationSettings, generate, save_png
+    from .models import load_pipeline, resolve_device, resolve_dtype
+    from .runtime import LoRARuntime
+    from .blocks import BlockWeights
+
+    specs = [parse_lora_spec(text) for text in args.lora]
+    block_weights = BlockWeights.parse(args.block_weights) if args.block_weights else None
+    settings = GenerationSettings(
+        prompt=args.prompt,
+        negative_prompt=args.negative_prompt,
+        steps=args.steps,
+        guidance=args.guidance,
+        seed=args.seed,
+        width=args.width or 8,  # the model's native size once it is loaded; 8 only to validate the rest first
+        height=args.height or 8,
+        num_images=args.num_images,
+    )
+    settings.validate()
+    output = Path(args.out)
+    if output.suffix.lower() != ".png":
+        raise InvalidArgumentError(f"--out {output}: images are written as PNG; give a path ending in .png")
+    # Read every adapter before the model loads, so a bad file fails fast.
+    from .formats import read_adapter
+
+    states = [(spec, read_adapter(spec.path)) for spec in specs]
+    device = resolve_device(args.device)
+    pipe = load_pipeline(args.model, device=device, dtype=resolve_dtype(args.dtype, device), model_config=args.model_config)
+    native_size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    settings.width, settings.height = args.width or native_size, args.height or native_size
+    runtime = LoRARuntime.attach(pipe)
+    uses = []
+    for index, (spec, state) in enumerate(states):
+        name = spec.path.stem.replace(".", "_") or f"lora{index}"
+        if name in runtime.adapters:
+            name = f"{name}_{index}"
+        runtime.add_adapter(name, state, spec.weight, block_weights, source=str(spec.path))
+        uses.append(AdapterUse(name, spec.weight, str(spec.path), str(block_weights) if block_weights else None))
+    if args.fuse and uses:
+        runtime.fuse()
+    images = generate(pipe, settings)
+    written = []
+    for index, image in enumerate(images):
+        path = output if len(images) == 1 else output.with_name(f"{output.stem}-{index}{output.suffix}")
+        save_png(image, path, settings, model=str(args.model), scheduler=type(pipe.scheduler).__name__, adapters=uses)
+        written.append(str(path))
+    print("\n".join(written))
+    return 0
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from .formats import describe_adapter, read_adapter
+
+    summary = describe_adapter(read_adapter(args.file))
+    summary = {"file": str(args.file), **summary}
+    if args.json:
+        print(json.dumps(summary, indent=2, sort_keys=True))
+        return 0
+    print(f"file:       {summary['file']}")
+    print(f"format:     {summary['format']}")
+    print(f"ranks:      {', '.join(map(str, summary['ranks']))}")
+    print(f"alphas:     {', '.join(f'{a:g}' for a in summary['alphas'])}")
+    print(f"rsLoRA:     {'yes' if summary['use_rslora'] else 'no'}")
+    print("modules:    " + ", ".join(f"{c}: {n}" for c, n in summary["modules_per_component"].items()))
+    print("targets:    " + ", ".join(f"{c}: {'/'.join(p)}" for c, p in summary["targets"].items()))
+    if summary["skipped"]:
+        print(f"not applied ({len(summary['skipped'])} keys difflora cannot apply): " + ", ".join(summary["skipped"][:10]))
+    if summary["metadata"]:
+        print("metadata:")
+        for key, value in sorted(summary["metadata"].items()):
+            value = value if len(value) <= 200 else value[:197] + "..."
+            print(f"  {key}: {value}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = _Parser(prog="difflora", description="LoRA adapters for Stable Diffusion: generate, inspect, train, blend, export.")
+    parser.add_argument("--version", action="version", version=f"difflora {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    init = commands.add_parser("init-model", help="write the embedded tiny Stable Diffusion to a folder")
+    init.add_argument("dir", help="folder to create")
+    init.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0: the embedded model)")
+    init.set_defaults(run=_cmd_init_model)
+
+    gen = commands.add_parser("generate", help="generate images with any mix of adapters")
+    _add_model_options(gen)
+    gen.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]", help="adapter file and weight (repeatable; weight may be negative)")
+    gen.add_argument("--block-weights", default=None, metavar="down=…,mid=…,up=…", help="per-block weights for every --lora (e.g. down=0,mid=1,up=1,up.1=0.5,te=1)")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--negative-prompt", default="")
+    gen.add_argument("--steps", type=int, default=20)
+    gen.add_argument("--guidance", type=float, default=7.5)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--width", type=int, default=None, help="default: the model's native size")
+    gen.add_argument("--height", type=int, default=None, help="default: the model's native size")
+    gen.add_argument("--num-images", type=int, default=1)
+    gen.add_argument("--fuse", action="store_true", help="fuse the adapters into the weights before generating")
+    gen.add_argument("--out", required=True, help="output PNG (several images get -0, -1, … suffixes)")
+    gen.set_defaults(run=_cmd_generate)
+
+    inspect = commands.add_parser("inspect", help="show an adapter file's format, ranks, alphas, modules and metadata")
+    inspect.add_argument("file")
+    inspect.add_argument("--json", action="store_true", help="print JSON")
+    inspect.set_defaults(run=_cmd_inspect)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except DiffloraError as error:
+        print(f"difflora: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("difflora: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,27 @@
+"""Exceptions difflora raises on bad input.
+
+Every error names the file, key or option at fault and what was expected, in one line, so the CLI can print it as
+it is (``difflora: error: <message>``) and exit with code 2.
+"""
+
+from __future__ import annotations
+
+
+class DiffloraError(Exception):
+    """Base class of every error difflora raises for bad input; its message is one line."""
+
+
+class InvalidArgumentError(DiffloraError, ValueError):
+    """An option or argument has a value that cannot be used (a weight that is not a number, a rank <= 0, ...)."""
+
+
+class AdapterFileError(DiffloraError):
+    """An adapter file is missing, is not safetensors, is truncated, or its keys are in no format difflora reads."""
+
+
+class AdapterShapeError(DiffloraError):
+    """An adapter's tensors do not fit the modules of the model it is loaded into."""
+
+
+class ModelLoadError(DiffloraError):
+    """A model (diffusers folder, single-file checkpoint or hub id) could not be loaded."""

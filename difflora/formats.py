@@ -1,0 +1,393 @@
+"""Adapter files: the in-memory adapter, and reading and writing ``.safetensors`` LoRA files.
+
+In memory an adapter is an :class:`AdapterState`: for each adapted projection, its ``down`` (rank × in) and ``up``
+(out × rank) factors and its ``alpha``. Projections are named by a canonical key
+``<component>.<block path>.<projection>``, e.g. ``unet.mid_block.attentions.0.transformer_blocks.0.attn2.to_k`` or
+``text_encoder.encoder.layers.0.self_attn.q_proj`` (text-encoder paths drop the ``text_model.`` prefix, which recent
+transformers removed and older files carry).
+
+Files difflora reads (detected from the keys):
+
+* ``difflora`` / ``diffusers``: ``unet.<path>.lora_A.weight`` / ``.lora_B.weight`` (what ``save_lora_weights`` and
+  diffusers' training scripts write), alphas from diffusers' ``lora_adapter_metadata`` header or ``.alpha`` keys;
+* ``diffusers-old``: ``<path>.lora.down.weight`` / ``.lora.up.weight`` (diffusers 0.2x);
+* ``diffusers-attn-procs``: the legacy attention-processor keys ``<path>.processor.to_q_lora.down.weight``, and the
+  text-encoder ``<path>.lora_linear_layer.down.weight``.
+
+difflora writes the ``diffusers`` layout with diffusers' ``lora_adapter_metadata`` header (rank and alpha per module),
+so that plain ``StableDiffusionPipeline.load_lora_weights`` applies it at the right scale, plus ``difflora.*`` keys.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ._files import atomic_path
+from .errors import AdapterFileError
+from .processors import CLIP_PROJECTIONS, UNET_PROJECTIONS
+
+__all__ = [
+    "LoRAModuleWeights",
+    "AdapterState",
+    "read_adapter",
+    "parse_state_dict",
+    "write_adapter",
+    "to_diffusers_state_dict",
+    "split_module_key",
+    "describe_adapter",
+    "COMPONENTS",
+    "PICKLE_SUFFIXES",
+]
+
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
+DIFFLORA_FORMAT_VERSION = "1"
+# diffusers reads its LoraConfig per component from this safetensors header key.
+DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"
+
+
+@dataclass
+class LoRAModuleWeights:
+    """One adapted projection: ``ΔW = s · up @ down`` with ``s = alpha / rank`` (``alpha / sqrt(rank)`` for rsLoRA)."""
+
+    down: torch.Tensor  # rank × in_features
+    up: torch.Tensor  # out_features × rank
+    alpha: float
+    use_rslora: bool = False
+
+    @property
+    def rank(self) -> int:
+        return self.down.shape[0]
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / math.sqrt(self.rank) if self.use_rslora else self.alpha / self.rank
+
+
+@dataclass
+class AdapterState:
+    """An adapter as data: canonical module key → factors, plus the string metadata that travels with the file.
+
+    ``skipped`` lists the keys of the file that hold no LoRA difflora can apply (DoRA magnitudes, LyCORIS, ...):
+    they are reported, never silently dropped.
+    """
+
+    modules: dict[str, LoRAModuleWeights]
+    metadata: dict[str, str] = field(default_factory=dict)
+    source_format: str = "difflora"
+    skipped: list[str] = field(default_factory=list)
+
+    def modules_per_component(self) -> dict[str, int]:
+        return dict(collections.Counter(key.split(".", 1)[0] for key in self.modules))
+
+    def ranks(self) -> list[int]:
+        return sorted({weights.rank for weights in self.modules.values()})
+
+    def alphas(self) -> list[float]:
+        return sorted({weights.alpha for weights in self.modules.values()})
+
+
+def split_module_key(key: str) -> tuple[str, str, str]:
+    """``unet.a.b.attn1.to_out.0`` → ``("unet", "a.b.attn1", "to_out.0")``."""
+    component, _, rest = key.partition(".")
+    for projection in UNET_PROJECTIONS + CLIP_PROJECTIONS:
+        if rest.endswith("." + projection):
+            return component, rest[: -len(projection) - 1], projection
+    raise AdapterFileError(f"module {key!r} is not a q/k/v/out attention projection")
+
+
+# ----- reading ------------------------------------------------------------------------------------------------------
+
+# (pattern on a key with its component prefix removed, format name, factor); group 1 is the module path.
+_FACTOR_PATTERNS = [
+    (re.compile(r"^(.+)\.lora_A(?:\.[A-Za-z0-9_-]+)?\.weight$"), "diffusers", "down"),
+    (re.compile(r"^(.+)\.lora_B(?:\.[A-Za-z0-9_-]+)?\.weight$"), "diffusers", "up"),
+    (re.compile(r"^(.+)\.lora\.down\.weight$"), "diffusers-old", "down"),
+    (re.compile(r"^(.+)\.lora\.up\.weight$"), "diffusers-old", "up"),
+    (re.compile(r"^(.+)\.lora_linear_layer\.down\.weight$"), "diffusers-attn-procs", "down"),
+    (re.compile(r"^(.+)\.lora_linear_layer\.up\.weight$"), "diffusers-attn-procs", "up"),
+]
+_LEGACY_PROCESSOR = re.compile(r"^(.+)\.processor\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$")
+_ALPHA = re.compile(r"^(.+)\.alpha$")
+
+
+def _split_component(key: str) -> tuple[str, str] | None:
+    key = key.removeprefix("base_model.model.")
+    component, _, rest = key.partition(".")
+    if component in COMPONENTS:
+        return component, rest.removeprefix("text_model.")
+    if key.startswith(("down_blocks.", "mid_block.", "up_blocks.")):
+        return "unet", key  # the oldest diffusers files carry no component prefix
+    return None
+
+
+def _classify(key: str) -> tuple[str, str, str] | None:
+    """``(canonical module key, format, 'down'|'up'|'alpha')`` for a key difflora understands, else ``None``."""
+    located = _split_component(key)
+    if located is None:
+        return None
+    component, rest = located
+    legacy = _LEGACY_PROCESSOR.match(rest)
+    if legacy:
+        block, projection, factor = legacy.groups()
+        projection = "to_out.0" if projection == "to_out" else projection
+        return f"{component}.{block}.{projection}", "diffusers-attn-procs", factor
+    for pattern, format_name, factor in _FACTOR_PATTERNS:
+        match = pattern.match(rest)
+        if match:
+            return f"{component}.{match.group(1)}", format_name, factor
+    alpha = _ALPHA.match(rest)
+    if alpha:
+        return f"{component}.{alpha.group(1)}", "", "alpha"
+    return None
+
+
+def _diffusers_alpha(config: dict, path: str, rank: int) -> tuple[float, bool] | None:
+    """Alpha and rsLoRA flag of one module from a diffusers/PEFT LoraConfig dict, as PEFT itself resolves them."""
+    from peft.utils.other import get_pattern_key
+
+    if not config:
+        return None
+    alpha_pattern = config.get("alpha_pattern") or {}
+    alpha = config.get("lora_alpha")
+    if alpha_pattern:
+        pattern = get_pattern_key(list(alpha_pattern), path)
+        alpha = alpha_pattern.get(pattern, alpha)
+    if alpha is None:
+        alpha = rank
+    return float(alpha), bool(config.get("use_rslora", False))
+
+
+def _component_configs(header: dict[str, str]) -> dict[str, dict]:
+    """Per-component LoraConfig dicts from diffusers' ``lora_adapter_metadata`` header entry."""
+    raw = header.get(DIFFUSERS_METADATA_KEY)
+    if not raw:
+        return {}
+    try:
+        flat = json.loads(raw)
+    except json.JSONDecodeError as error:
+        raise AdapterFileError(f"header entry {DIFFUSERS_METADATA_KEY!r} is not JSON ({error})") from None
+    configs: dict[str, dict] = collections.defaultdict(dict)
+    for key, value in flat.items():
+        component, _, option = key.partition(".")
+        configs[component][option] = value
+    return dict(configs)
+
+
+def parse_state_dict(
+    tensors: dict[str, torch.Tensor], header: dict[str, str] | None = None, source: str = "state dict"
+) -> AdapterState:
+    """Turn a LoRA state dict (and its safetensors header) into an :class:`AdapterState`.
+
+    Raises:
+        AdapterFileError: when no key is in a format difflora reads, or a module lacks its up or down factor.
+    """
+    header = dict(header or {})
+    if any(key.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")) for key in tensors):
+        raise AdapterFileError(
+            f"{source}: kohya/A1111 keys (lora_unet_…/lora_te_…) are not readable by this version of difflora"
+        )
+    factors: dict[str, dict[str, torch.Tensor]] = collections.defaultdict(dict)
+    alphas: dict[str, float] = {}
+    formats: collections.Counter = collections.Counter()
+    skipped: list[str] = []
+    for key, tensor in tensors.items():
+        classified = _classify(key)
+        if classified is None:
+            skipped.append(key)
+            continue
+        module_key, format_name, factor = classified
+        if factor == "alpha":
+            alphas[module_key] = float(tensor.item())
+            continue
+        try:
+            split_module_key(module_key)
+        except AdapterFileError:
+            skipped.append(key)
+            continue
+        formats[format_name] += 1
+        factors[module_key][factor] = tensor
+    if not factors:
+        raise AdapterFileError(f"{source}: no LoRA keys in a format difflora reads (first key: {next(iter(tensors), 'none')!r})")
+
+    configs = _component_configs(header)
+    modules: dict[str, LoRAModuleWeights] = {}
+    for module_key in sorted(factors):
+        pair = factors[module_key]
+        if set(pair) != {"down", "up"}:
+            missing = "up" if "down" in pair else "down"
+            raise AdapterFileError(f"{source}: module {module_key!r} has no {missing} factor")
+        down, up = pair["down"], pair["up"]
+        if down.ndim != 2 or up.ndim != 2 or up.shape[1] != down.shape[0]:
+            raise AdapterFileError(
+                f"{source}: module {module_key!r} has factors of shapes {tuple(down.shape)} and {tuple(up.shape)}, "
+                "expected down (rank × in) and up (out × rank)"
+            )
+        rank = down.shape[0]
+        component, _, path = module_key.partition(".")
+        use_rslora = False
+        if module_key in alphas:
+            alpha = alphas[module_key]
+        else:
+            resolved = _diffusers_alpha(configs.get(component, {}), path, rank)
+            alpha, use_rslora = resolved if resolved else (float(rank), False)
+        modules[module_key] = LoRAModuleWeights(down=down, up=up, alpha=alpha, use_rslora=use_rslora)
+
+    format_name = formats.most_common(1)[0][0]
+    if format_name == "diffusers" and header.get("difflora.format"):
+        format_name = "difflora"
+    metadata = {key: value for key, value in header.items() if key not in ("format", DIFFUSERS_METADATA_KEY)}
+    return AdapterState(modules=modules, metadata=metadata, source_format=format_name, skipped=skipped)
+
+
+def _resolve_file(path: Path) -> Path:
+    if path.is_dir():
+        # diffusers' training scripts write a folder with this file in it.
+        for name in ("pytorch_lora_weights.safetensors",):
+            if (path / name).is_file():
+                return path / name
+        raise AdapterFileError(f"{path}: folder holds no pytorch_lora_weights.safetensors")
+    return path
+
+
+def read_adapter(path: str | os.PathLike) -> AdapterState:
+    """Read a LoRA ``.safetensors`` file (or a diffusers LoRA output folder) into an :class:`AdapterState`.
+
+    Raises:
+        AdapterFileError: missing file, a pickle file (refused: safetensors only), a truncated or corrupt file, or keys
+            in no format difflora reads. The message is one line and names the file.
+    """
+    path = Path(path)
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise AdapterFileError(f"{path}: pickle files ({path.suffix}) are refused, safetensors only; convert it to .safetensors")
+    if not path.exists():
+        raise AdapterFileError(f"{path}: no such file")
+    path = _resolve_file(path)
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            header = handle.metadata() or {}
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    except Exception as error:  # safetensors raises its own error types and OSError for truncated/corrupt files
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise AdapterFileError(f"{path}: not a readable safetensors file ({reason})") from None
+    return parse_state_dict(tensors, header, source=str(path))
+
+
+# ----- writing ------------------------------------------------------------------------------------------------------
+
+
+def _file_module_path(component: str, path: str) -> str:
+    # Text encoders are written with transformers' historical `text_model.` prefix, which every diffusers version
+    # reads (recent ones strip it) while older ones require it.
+    return f"text_model.{path}" if component.startswith("text_encoder") else path
+
+
+def to_diffusers_state_dict(state: AdapterState) -> dict[str, torch.Tensor]:
+    """The tensors of the diffusers layout: ``<component>.<path>.lora_A.weight`` / ``.lora_B.weight``."""
+    tensors = {}
+    for module_key, weights in state.modules.items():
+        component, _, path = module_key.partition(".")
+        prefix = f"{component}.{_file_module_path(component, path)}"
+        tensors[f"{prefix}.lora_A.weight"] = weights.down.detach().contiguous()
+        tensors[f"{prefix}.lora_B.weight"] = weights.up.detach().contiguous()
+    return tensors
+
+
+def diffusers_lora_metadata(state: AdapterState) -> dict[str, object]:
+    """diffusers' per-component LoraConfig (flattened as ``<component>.<option>``) that reproduces every scale."""
+    by_component: dict[str, dict[str, LoRAModuleWeights]] = collections.defaultdict(dict)
+    for module_key, weights in state.modules.items():
+        component, _, path = module_key.partition(".")
+        by_component[component][path] = weights
+    flat: dict[str, object] = {}
+    for component, modules in by_component.items():
+        use_rslora = all(weights.use_rslora for weights in modules.values())
+
+        def alpha_for(weights: LoRAModuleWeights) -> float:
+            # A module whose rsLoRA flag differs from the component's gets the alpha that gives the same scale.
+            if weights.use_rslora == use_rslora:
+                return weights.alpha
+            return weights.scale * (math.sqrt(weights.rank) if use_rslora else weights.rank)
+
+        rank = collections.Counter(w.rank for w in modules.values()).most_common(1)[0][0]
+        alpha = collections.Counter(alpha_for(w) for w in modules.values()).most_common(1)[0][0]
+        config = {
+            "r": rank,
+            "lora_alpha": alpha,
+            "rank_pattern": {path: w.rank for path, w in modules.items() if w.rank != rank},
+            "alpha_pattern": {path: alpha_for(w) for path, w in modules.items() if alpha_for(w) != alpha},
+            # Full module paths: PEFT then adapts exactly the modules the file holds.
+            "target_modules": sorted(modules),
+            "use_rslora": use_rslora,
+            "use_dora": False,
+            "lora_bias": False,
+            "init_lora_weights": True,
+        }
+        flat.update({f"{component}.{option}": value for option, value in config.items()})
+    return flat
+
+
+def write_adapter(state: AdapterState, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:
+    """Write ``state`` to one ``.safetensors`` file atomically (temporary file, then rename).
+
+    The header carries diffusers' ``lora_adapter_metadata`` (so plain diffusers applies the right scales) and
+    difflora's own keys: ``difflora.format``, ``difflora.version``, ``difflora.ranks``, ``difflora.alphas``,
+    ``difflora.targets`` and anything in ``state.metadata`` or ``metadata`` (e.g. ``difflora.base_model``).
+    """
+    from . import __version__
+
+    path = Path(path)
+    if path.suffix.lower() != ".safetensors":
+        raise AdapterFileError(f"{path}: adapters are written as .safetensors; give a path ending in .safetensors")
+    if not state.modules:
+        raise AdapterFileError(f"{path}: the adapter has no modules; nothing to write")
+    targets = collections.defaultdict(set)
+    for module_key in state.modules:
+        component, _, projection = split_module_key(module_key)
+        targets[component].add(projection)
+    header = {key: str(value) for key, value in state.metadata.items()}
+    header.update({key: str(value) for key, value in (metadata or {}).items()})
+    header.update(
+        {
+            "format": "pt",
+            DIFFUSERS_METADATA_KEY: json.dumps(diffusers_lora_metadata(state), sort_keys=True),
+            "difflora.format": DIFFLORA_FORMAT_VERSION,
+            "difflora.version": __version__,
+            "difflora.ranks": json.dumps(state.ranks()),
+            "difflora.alphas": json.dumps(state.alphas()),
+            "difflora.targets": json.dumps({component: sorted(names) for component, names in sorted(targets.items())}),
+        }
+    )
+    tensors = to_diffusers_state_dict(state)
+    with atomic_path(path) as temporary:
+        save_file(tensors, str(temporary), metadata=header)
+    return path
+
+
+def describe_adapter(state: AdapterState) -> dict:
+    """What ``difflora inspect`` shows: format, ranks, alphas, modules and targets per component, metadata."""
+    targets: dict[str, set[str]] = collections.defaultdict(set)
+    for module_key in state.modules:
+        component, _, projection = split_module_key(module_key)
+        targets[component].add(projection)
+    return {
+        "format": state.source_format,
+        "ranks": state.ranks(),
+        "alphas": state.alphas(),
+        "use_rslora": any(weights.use_rslora for weights in state.modules.values()),
+        "modules": len(state.modules),
+        "modules_per_component": state.modules_per_component(),
+        "targets": {component: sorted(names) for component, names in sorted(targets.items())},
+        "skipped": list(state.skipped),
+        "metadata": dict(state.metadata),
+    }

@@ -1,0 +1,125 @@
+"""Generating images with adapters, and PNGs that remember how they were made."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image, PngImagePlugin
+
+from ._files import atomic_path
+from .errors import InvalidArgumentError
+
+__all__ = ["GenerationSettings", "generate", "save_png", "a1111_parameters"]
+
+
+@dataclass
+class GenerationSettings:
+    """Everything that decides an image, apart from the model and the adapters.
+
+    The seed drives a ``torch.Generator("cpu")``, so a seed gives the same starting noise on every device.
+    """
+
+    prompt: str
+    negative_prompt: str = ""
+    steps: int = 20
+    guidance: float = 7.5
+    seed: int = 0
+    width: int = 64
+    height: int = 64
+    num_images: int = 1
+
+    def validate(self) -> None:
+        for option, value in (("--steps", self.steps), ("--num-images", self.num_images)):
+            if not isinstance(value, int) or value <= 0:
+                raise InvalidArgumentError(f"{option} must be a positive integer, got {value!r}")
+        for option, value in (("--width", self.width), ("--height", self.height)):
+            if not isinstance(value, int) or value <= 0 or value % 8:
+                raise InvalidArgumentError(f"{option} must be a positive multiple of 8, got {value!r}")
+        if not isinstance(self.seed, int) or self.seed < 0:
+            raise InvalidArgumentError(f"--seed must be a non-negative integer, got {self.seed!r}")
+
+
+@dataclass
+class AdapterUse:
+    """How one adapter took part in an image: for the PNG's metadata."""
+
+    name: str
+    weight: float
+    source: str | None = None
+    block_weights: str | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def generate(pipe, settings: GenerationSettings, *, output_type: str = "pil", callback=None):
+    """Run ``pipe`` with ``settings`` and the model's own scheduler; returns the pipeline's images.
+
+    ``callback(step, total_steps)`` is called after every denoising step (for progress bars).
+    """
+    settings.validate()
+    vae_scale = getattr(pipe, "vae_scale_factor", 8)
+    for option, value in (("--width", settings.width), ("--height", settings.height)):
+        if value % vae_scale:
+            raise InvalidArgumentError(f"{option} must be a multiple of {vae_scale} for this model, got {value}")
+    generator = torch.Generator("cpu").manual_seed(settings.seed)
+    step_callback = None
+    if callback is not None:
+
+        def step_callback(pipeline, step, timestep, tensors):
+            callback(step + 1, settings.steps)
+            return tensors
+
+    result = pipe(
+        prompt=settings.prompt,
+        negative_prompt=settings.negative_prompt or None,
+        num_inference_steps=settings.steps,
+        guidance_scale=settings.guidance,
+        width=settings.width,
+        height=settings.height,
+        num_images_per_prompt=settings.num_images,
+        generator=generator,
+        output_type=output_type,
+        callback_on_step_end=step_callback,
+    )
+    return result.images
+
+
+def a1111_parameters(settings: GenerationSettings, model: str, scheduler: str, adapters: list[AdapterUse]) -> str:
+    """The ``parameters`` text AUTOMATIC1111 and most image viewers show (``<lora:name:weight>`` in the prompt)."""
+    prompt = settings.prompt + "".join(f" <lora:{a.name}:{a.weight:g}>" for a in adapters)
+    lines = [prompt]
+    if settings.negative_prompt:
+        lines.append(f"Negative prompt: {settings.negative_prompt}")
+    lines.append(
+        f"Steps: {settings.steps}, Sampler: {scheduler}, CFG scale: {settings.guidance:g}, Seed: {settings.seed}, "
+        f"Size: {settings.width}x{settings.height}, Model: {model}"
+    )
+    return "\n".join(lines)
+
+
+def save_png(
+    image: Image.Image,
+    path: str | os.PathLike,
+    settings: GenerationSettings,
+    *,
+    model: str,
+    scheduler: str,
+    adapters: list[AdapterUse],
+) -> Path:
+    """Write ``image`` atomically as PNG with text chunks ``parameters`` (A1111 style) and ``difflora`` (JSON)."""
+    path = Path(path)
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", a1111_parameters(settings, model, scheduler, adapters))
+    info.add_text(
+        "difflora",
+        json.dumps(
+            {"settings": asdict(settings), "model": model, "scheduler": scheduler, "adapters": [asdict(a) for a in adapters]},
+            sort_keys=True,
+        ),
+    )
+    with atomic_path(path) as temporary:
+        image.save(temporary, format="PNG", pnginfo=info)
+    return path

@@ -1,0 +1,268 @@
+"""The LoRA maths, and nothing else: low-rank factors, several named adapters on one linear map, exact fusing.
+
+This module imports torch only. Processors, file formats, blending, training and the UI build on it.
+
+For a linear map ``y = W x + b`` with ``W`` of shape ``(out_features, in_features)``, one adapter adds
+
+    ΔW = s · B A,    A = ``down`` (rank × in_features),  B = ``up`` (out_features × rank),
+    s = alpha / rank            (LoRA, Hu et al. 2021)
+    s = alpha / sqrt(rank)      (rsLoRA, Kalajdzievski 2023)
+
+and several adapters, each with a multiplier ``m`` (the user's weight times any per-block weight), add
+``Σ_a m_a · s_a · B_a A_a``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .errors import InvalidArgumentError
+
+__all__ = ["lora_scale", "LoRAFactors", "MultiLoRA", "ActiveAdapter", "AdapterDict"]
+
+
+def lora_scale(rank: int, alpha: float, use_rslora: bool = False) -> float:
+    """The factor ``s`` that multiplies ``B A``: ``alpha / rank``, or ``alpha / sqrt(rank)`` for rsLoRA."""
+    if rank <= 0:
+        raise InvalidArgumentError(f"rank must be a positive integer, got {rank}")
+    return alpha / math.sqrt(rank) if use_rslora else alpha / rank
+
+
+class LoRAFactors(nn.Module):
+    """One adapter's low-rank update of one linear map: ``ΔW = scale · up @ down``.
+
+    Args:
+        in_features: columns of the adapted weight ``W``.
+        out_features: rows of ``W``.
+        rank: inner dimension ``r`` of the factors.
+        alpha: scaling numerator; ``None`` means ``alpha = rank`` (scale 1).
+        use_rslora: use ``alpha / sqrt(rank)`` instead of ``alpha / rank``.
+
+    ``down`` is initialised with Kaiming-uniform (as ``nn.Linear`` is, the choice of the LoRA paper's code) and ``up``
+    with zeros, so a new adapter starts as the identity change ``ΔW = 0``.
+
+    Raises:
+        InvalidArgumentError: when a size is not positive.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        rank: int,
+        alpha: float | None = None,
+        use_rslora: bool = False,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        for option, value in (("in_features", in_features), ("out_features", out_features), ("rank", rank)):
+            if not isinstance(value, int) or value <= 0:
+                raise InvalidArgumentError(f"{option} must be a positive integer, got {value!r}")
+        self.in_features = in_features
+        self.out_features = out_features
+        self.rank = rank
+        self.alpha = float(rank if alpha is None else alpha)
+        self.use_rslora = use_rslora
+        self.down = nn.Parameter(torch.empty(rank, in_features, dtype=dtype, device=device))
+        self.up = nn.Parameter(torch.zeros(out_features, rank, dtype=dtype, device=device))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.kaiming_uniform_(self.down, a=math.sqrt(5))
+        nn.init.zeros_(self.up)
+
+    @classmethod
+    def from_tensors(
+        cls, down: torch.Tensor, up: torch.Tensor, alpha: float | None = None, use_rslora: bool = False
+    ) -> LoRAFactors:
+        """Factors holding copies of ``down`` (rank × in) and ``up`` (out × rank)."""
+        if down.ndim != 2 or up.ndim != 2 or up.shape[1] != down.shape[0]:
+            raise InvalidArgumentError(
+                f"LoRA factors must be down (rank × in) and up (out × rank), got {tuple(down.shape)} and {tuple(up.shape)}"
+            )
+        factors = cls(down.shape[1], up.shape[0], down.shape[0], alpha, use_rslora, dtype=down.dtype, device=down.device)
+        with torch.no_grad():
+            factors.down.copy_(down)
+            factors.up.copy_(up.to(down.dtype))
+        return factors
+
+    @property
+    def scale(self) -> float:
+        return lora_scale(self.rank, self.alpha, self.use_rslora)
+
+    def delta_weight(self) -> torch.Tensor:
+        """``scale · up @ down`` in fp32, shape (out_features, in_features)."""
+        return (self.up.float() @ self.down.float()) * self.scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``scale · B A x`` for ``x`` of shape (..., in_features)."""
+        return (x @ self.down.to(x.dtype).t()) @ (self.up.to(x.dtype).t() * self.scale)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, alpha={self.alpha:g}"
+
+
+class AdapterDict(nn.Module):
+    """Adapters by name, registered as submodules (so ``.to()`` and ``state_dict()`` see them).
+
+    Unlike ``nn.ModuleDict`` it accepts any name without a dot, including ones that are ``nn.Module`` attributes
+    (an adapter may well be called ``train``): entries live in ``_modules`` and are only reached by ``[name]``.
+    """
+
+    def __setitem__(self, name: str, module: nn.Module) -> None:
+        if not isinstance(name, str) or not name or "." in name:
+            raise InvalidArgumentError(f"adapter name {name!r} must be a non-empty string without dots")
+        self._modules[name] = module
+
+    def __getitem__(self, name: str) -> nn.Module:
+        return self._modules[name]
+
+    def __delitem__(self, name: str) -> None:
+        del self._modules[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._modules
+
+    def __iter__(self):
+        return iter(self._modules)
+
+    def __len__(self) -> int:
+        return len(self._modules)
+
+    def items(self):
+        return self._modules.items()
+
+
+@dataclass(frozen=True)
+class ActiveAdapter:
+    name: str
+    factors: LoRAFactors
+    multiplier: float
+
+
+class MultiLoRA(nn.Module):
+    """Several named adapters on one linear map: ``y = W x + b + Σ_a m_a · s_a · B_a A_a x``.
+
+    The host (an attention processor) computes ``W x + b`` and adds :meth:`delta`. Each adapter's multiplier ``m_a`` is
+    a plain float set by the runtime; an adapter with multiplier 0 costs nothing. Without gradients, the active
+    adapters are stacked into one pair of matrices (``[A_1; A_2; …]`` and ``[m_1 s_1 B_1, m_2 s_2 B_2, …]``), so
+    any number of adapters costs two matmuls; the stack is rebuilt only when a multiplier or a factor changes.
+
+    :meth:`fuse` writes ``W + Σ m s B A`` (computed in fp32, cast once) into the base layer and keeps the original
+    weight, so :meth:`unfuse` restores it bit-exactly however many times it is done.
+    """
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.adapters = AdapterDict()
+        self.multipliers: dict[str, float] = {}
+        self.fused = False
+        self._stack_key: tuple | None = None
+        self._stack: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    # ----- adapters -------------------------------------------------------------------------------------------
+    def add(self, name: str, factors: LoRAFactors, multiplier: float = 1.0) -> None:
+        if (factors.in_features, factors.out_features) != (self.in_features, self.out_features):
+            raise InvalidArgumentError(
+                f"adapter {name!r}: factors map {factors.in_features}→{factors.out_features}, "
+                f"the layer maps {self.in_features}→{self.out_features}"
+            )
+        self.adapters[name] = factors
+        self.multipliers[name] = float(multiplier)
+        self._stack_key = None
+
+    def remove(self, name: str) -> None:
+        if name in self.adapters:
+            del self.adapters[name]
+            self.multipliers.pop(name, None)
+            self._stack_key = None
+
+    def set_multiplier(self, name: str, multiplier: float) -> None:
+        if name in self.adapters:
+            self.multipliers[name] = float(multiplier)
+
+    def active(self) -> list[ActiveAdapter]:
+        return [
+            ActiveAdapter(name, factors, self.multipliers[name])
+            for name, factors in self.adapters.items()
+            if self.multipliers.get(name, 0.0) != 0.0
+        ]
+
+    # ----- forward --------------------------------------------------------------------------------------------
+    def delta(self, x: torch.Tensor) -> torch.Tensor | None:
+        """``Σ m s B A x`` for ``x`` of shape (..., in_features), or ``None`` when nothing is active or fused."""
+        if self.fused:
+            return None
+        active = self.active()
+        if not active:
+            return None
+        if torch.is_grad_enabled() and any(a.factors.down.requires_grad or a.factors.up.requires_grad for a in active):
+            # Training: keep each adapter's own graph; the factors may be fp32 while x is fp16/bf16 under autocast.
+            total = None
+            for adapter in active:
+                term = adapter.factors(x) * adapter.multiplier
+                total = term if total is None else total + term
+            return total
+        down_stack, up_stack = self._stacked(active, x.dtype, x.device)
+        return (x @ down_stack.t()) @ up_stack.t()
+
+    def _stacked(self, active: list[ActiveAdapter], dtype: torch.dtype, device: torch.device):
+        # Parameter._version changes on every in-place update (optimizer steps, load_state_dict), so a stale stack
+        # is never used.
+        key = (
+            dtype,
+            device,
+            tuple((a.name, a.multiplier, a.factors.down._version, a.factors.up._version, a.factors.scale) for a in active),
+        )
+        if key != self._stack_key:
+            with torch.no_grad():
+                down_stack = torch.cat([a.factors.down.float() for a in active], dim=0)
+                up_stack = torch.cat([a.factors.up.float() * (a.multiplier * a.factors.scale) for a in active], dim=1)
+            self._stack = (down_stack.to(device=device, dtype=dtype), up_stack.to(device=device, dtype=dtype))
+            self._stack_key = key
+        return self._stack
+
+    def delta_weight(self) -> torch.Tensor | None:
+        """``Σ m s B A`` in fp32, shape (out_features, in_features), or ``None`` when nothing is active."""
+        total = None
+        for adapter in self.active():
+            term = adapter.factors.delta_weight() * adapter.multiplier
+            total = term if total is None else total + term
+        return total
+
+    # ----- fusing ---------------------------------------------------------------------------------------------
+    def fuse(self, base: nn.Linear) -> None:
+        """Write the active mix into ``base.weight`` and keep the original for :meth:`unfuse`."""
+        if self.fused:
+            raise RuntimeError("already fused; unfuse first")
+        delta = self.delta_weight()
+        original = base.weight.detach().clone()
+        if delta is not None:
+            fused = (original.float() + delta.to(original.device)).to(original.dtype)
+            if not torch.isfinite(fused).all():
+                raise FloatingPointError("fusing would write NaN/inf into the base weight; nothing was changed")
+            with torch.no_grad():
+                base.weight.copy_(fused)
+        # A non-persistent buffer follows .to(device) with the module and stays out of state_dict().
+        self.register_buffer("original_weight", original, persistent=False)
+        self.fused = True
+
+    def unfuse(self, base: nn.Linear) -> None:
+        """Restore the weight :meth:`fuse` replaced, bit for bit."""
+        if not self.fused:
+            return
+        with torch.no_grad():
+            base.weight.copy_(self.original_weight)
+        del self.original_weight
+        self.fused = False
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, adapters={list(self.adapters)}, fused={self.fused}"

@@ -1,0 +1,262 @@
+"""LoRA attention processors for the diffusers UNet and for CLIP text encoders.
+
+A processor sits on one attention block and holds a :class:`~difflora.lora.MultiLoRA` for each of the block's four
+projections (query, key, value, output). Its sizes come from where the block sits, as diffusers' own LoRA processors
+once did: ``down_blocks.i`` → ``block_out_channels[i]``, ``mid_block`` → ``block_out_channels[-1]``, ``up_blocks.i`` →
+``reversed(block_out_channels)[i]``; self-attention (``attn1``) reads the hidden states, cross-attention (``attn2``)
+reads ``cross_attention_dim``-wide encoder states. The sizes are checked against the real projection shapes.
+
+The UNet processor replaces diffusers' ``AttnProcessor2_0`` (same maths, plus the LoRA branches). CLIP attention in
+transformers has no processor slot, so its processor adds the branches with forward hooks on the four projections,
+which leaves the text encoder's own attention code untouched.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .blocks import block_of
+from .errors import AdapterShapeError
+from .lora import MultiLoRA
+
+__all__ = [
+    "AttentionSite",
+    "LoRAAttnProcessor",
+    "CLIPLoRAAttnProcessor",
+    "unet_attention_sites",
+    "text_encoder_attention_sites",
+    "UNET_PROJECTIONS",
+    "CLIP_PROJECTIONS",
+]
+
+# Projection paths inside an attention block, as they appear in module names and adapter keys.
+UNET_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
+CLIP_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "out_proj")
+
+
+def _branch_key(projection: str) -> str:
+    # nn.ModuleDict keys may not contain dots.
+    return projection.replace(".", "_")
+
+
+@dataclass(frozen=True)
+class AttentionSite:
+    """Where an attention block sits and the sizes that follow from it.
+
+    Attributes:
+        component: pipeline component holding the block (``unet``, ``text_encoder``, ``text_encoder_2``).
+        path: the block's module path inside the component, e.g. ``down_blocks.0.attentions.0.transformer_blocks.0.attn1``
+            or ``encoder.layers.3.self_attn`` (text-encoder paths never carry the ``text_model.`` prefix).
+        block_kind: ``down``, ``mid`` or ``up`` for the UNet, ``text`` for text encoders.
+        block_index: index in ``down_blocks``/``up_blocks``, ``None`` for the mid block and text encoders.
+        block_hidden_size: width of the hidden states (queries, values, output).
+        cross_attention_dim: width of the encoder states keys/values read, ``None`` for self-attention.
+    """
+
+    component: str
+    path: str
+    block_kind: str
+    block_index: int | None
+    block_hidden_size: int
+    cross_attention_dim: int | None
+
+    @property
+    def key_input_size(self) -> int:
+        return self.cross_attention_dim if self.cross_attention_dim is not None else self.block_hidden_size
+
+    def projection_shapes(self, projections: tuple[str, ...]) -> dict[str, tuple[int, int]]:
+        """(in_features, out_features) of each projection, from the block's sizes alone."""
+        query, key, value, output = projections
+        hidden, key_input = self.block_hidden_size, self.key_input_size
+        return {query: (hidden, hidden), key: (key_input, hidden), value: (key_input, hidden), output: (hidden, hidden)}
+
+
+def unet_attention_sites(unet: nn.Module) -> list[AttentionSite]:
+    """One :class:`AttentionSite` per entry of ``unet.attn_processors``, sized from ``unet.config``."""
+    config = unet.config
+    channels = list(config.block_out_channels)
+    cross_attention_dim = config.cross_attention_dim
+    if isinstance(cross_attention_dim, (list, tuple)):  # per-block cross-attention widths (rare configs)
+        cross_attention_dim = None
+    sites = []
+    for processor_name in unet.attn_processors:
+        path = processor_name.removesuffix(".processor")
+        kind, index = block_of("unet", path)
+        if kind == "mid":
+            hidden = channels[-1]
+        elif kind == "down":
+            hidden = channels[index]
+        elif kind == "up":
+            hidden = list(reversed(channels))[index]
+        else:
+            raise AdapterShapeError(f"unet attention block {path!r} sits in no down/mid/up block; cannot size its LoRA")
+        is_cross = path.endswith("attn2")
+        block_cross_dim = cross_attention_dim if is_cross else None
+        if is_cross and block_cross_dim is None:
+            block_cross_dim = _module(unet, path).to_k.in_features
+        sites.append(AttentionSite("unet", path, kind, index, hidden, block_cross_dim))
+    return sites
+
+
+def text_encoder_attention_sites(text_encoder: nn.Module, component: str = "text_encoder") -> list[AttentionSite]:
+    """One :class:`AttentionSite` per CLIP self-attention block, sized from the text config's ``hidden_size``."""
+    hidden = text_encoder.config.hidden_size
+    sites = []
+    for name, module in text_encoder.named_modules():
+        if name.endswith("self_attn") and all(hasattr(module, p) for p in CLIP_PROJECTIONS):
+            sites.append(AttentionSite(component, name.removeprefix("text_model."), "text", None, hidden, None))
+    return sites
+
+
+def _module(root: nn.Module, path: str) -> nn.Module:
+    return root.get_submodule(path)
+
+
+def _linear(attn: nn.Module, projection: str) -> nn.Linear:
+    return attn.get_submodule(projection)
+
+
+class _LoRAAttentionHost(nn.Module):
+    """What the UNet and CLIP processors share: one MultiLoRA per projection, checked against the real layers."""
+
+    projections: tuple[str, ...] = ()
+
+    def __init__(self, site: AttentionSite, attn: nn.Module) -> None:
+        super().__init__()
+        self.site = site
+        self.branches = nn.ModuleDict()
+        for projection, (in_features, out_features) in site.projection_shapes(self.projections).items():
+            layer = _linear(attn, projection)
+            if (layer.in_features, layer.out_features) != (in_features, out_features):
+                raise AdapterShapeError(
+                    f"{site.component}.{site.path}.{projection}: block sizes give {in_features}→{out_features}, "
+                    f"the layer is {layer.in_features}→{layer.out_features}"
+                )
+            self.branches[_branch_key(projection)] = MultiLoRA(in_features, out_features)
+
+    def branch(self, projection: str) -> MultiLoRA:
+        return self.branches[_branch_key(projection)]
+
+    def fuse(self, attn: nn.Module) -> None:
+        for projection in self.projections:
+            self.branch(projection).fuse(_linear(attn, projection))
+
+    def unfuse(self, attn: nn.Module) -> None:
+        for projection in self.projections:
+            self.branch(projection).unfuse(_linear(attn, projection))
+
+    @property
+    def fused(self) -> bool:
+        return any(branch.fused for branch in self.branches.values())
+
+
+def _with_delta(output: torch.Tensor, branch: MultiLoRA, x: torch.Tensor) -> torch.Tensor:
+    delta = branch.delta(x)
+    return output if delta is None else output + delta.to(output.dtype)
+
+
+class LoRAAttnProcessor(_LoRAAttentionHost):
+    """Attention for a diffusers ``Attention`` block with LoRA on ``to_q``, ``to_k``, ``to_v`` and ``to_out.0``.
+
+    The computation is diffusers' ``AttnProcessor2_0`` (``scaled_dot_product_attention``), with each projection
+    ``p(x)`` replaced by ``p(x) + Σ m s B A x``. With no active adapter it gives the same numbers as that processor.
+    """
+
+    projections = UNET_PROJECTIONS
+
+    def __call__(
+        self,
+        attn: nn.Module,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch_size, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
+
+        batch_size, sequence_length, _ = (
+            hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape
+        )
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
+            attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
+
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+
+        query = _with_delta(attn.to_q(hidden_states), self.branch("to_q"), hidden_states)
+
+        if encoder_hidden_states is None:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+
+        key = _with_delta(attn.to_k(encoder_hidden_states), self.branch("to_k"), encoder_hidden_states)
+        value = _with_delta(attn.to_v(encoder_hidden_states), self.branch("to_v"), encoder_hidden_states)
+
+        inner_dim = key.shape[-1]
+        head_dim = inner_dim // attn.heads
+        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+
+        hidden_states = F.scaled_dot_product_attention(
+            query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False
+        )
+        hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
+        hidden_states = hidden_states.to(query.dtype)
+
+        hidden_states = _with_delta(attn.to_out[0](hidden_states), self.branch("to_out.0"), hidden_states)
+        hidden_states = attn.to_out[1](hidden_states)  # dropout
+
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
+
+
+class CLIPLoRAAttnProcessor(_LoRAAttentionHost):
+    """LoRA for a CLIP self-attention block (``q_proj``, ``k_proj``, ``v_proj``, ``out_proj``).
+
+    :meth:`install` hooks the four projections so that each returns ``p(x) + Σ m s B A x``; the block's own attention
+    code runs unchanged. :meth:`uninstall` removes the hooks.
+    """
+
+    projections = CLIP_PROJECTIONS
+
+    def __init__(self, site: AttentionSite, attn: nn.Module) -> None:
+        super().__init__(site, attn)
+        self._hook_handles: list = []
+
+    def install(self, attn: nn.Module) -> None:
+        self.uninstall()
+        for projection in self.projections:
+            branch = self.branch(projection)
+
+            def add_lora(module, inputs, output, branch=branch):
+                return _with_delta(output, branch, inputs[0])
+
+            self._hook_handles.append(_linear(attn, projection).register_forward_hook(add_lora))
+
+    def uninstall(self) -> None:
+        for handle in self._hook_handles:
+            handle.remove()
+        self._hook_handles = []

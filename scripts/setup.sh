@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Create .venv and install difflora with its test extras. torch is installed first as the CPU build on disk
+# (torch==2.13.0); a bare `torch` would pull a multi-GB CUDA build. GPU users: install their torch first, then run this.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ ! -x .venv/bin/python ]; then
+  python3 -m venv .venv
+fi
+. .venv/bin/activate
+python -m pip install -q --upgrade pip
+python -c "import torch" 2>/dev/null || python -m pip install -q torch==2.13.0
+python -m pip install -q -e ".[test]"

@@ -1,0 +1,129 @@
+"""The command line seen from outside: images on disk with their parameters, inspect, one-line errors."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from difflora import LoRARuntime
+from difflora.cli import main, parse_lora_spec
+from difflora.errors import InvalidArgumentError
+from difflora.models import load_pipeline
+
+
+@pytest.fixture(scope="module")
+def adapter_file(tiny_model_dir, tmp_path_factory):
+    pipe = load_pipeline(tiny_model_dir, quiet=True)
+    runtime = LoRARuntime.attach(pipe)
+    runtime.create_adapter("style", rank=4, alpha=2, components=("unet", "text_encoder"), init="random", seed=3)
+    return runtime.save("style", tmp_path_factory.mktemp("adapters") / "style.safetensors", {"difflora.base_model": "embedded"})
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "difflora", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_generate_writes_png_with_parameters_and_matches_library(tiny_model_dir, adapter_file, tmp_path):
+    out = tmp_path / "image.png"
+    result = run_cli(
+        "generate", "--model", str(tiny_model_dir), "--lora", f"{adapter_file}:0.8", "--prompt", "a castle",
+        "--negative-prompt", "blurry", "--steps", "3", "--guidance", "6", "--seed", "11", "--out", str(out),
+    )
+    assert result.returncode == 0, result.stderr
+    image = Image.open(out)
+    assert image.size == (64, 64)
+    parameters = image.text["parameters"]
+    assert "a castle <lora:style:0.8>" in parameters and "Negative prompt: blurry" in parameters
+    assert "Steps: 3" in parameters and "Seed: 11" in parameters
+    recorded = json.loads(image.text["difflora"])
+    assert recorded["adapters"][0]["weight"] == 0.8 and recorded["settings"]["guidance"] == 6.0
+
+    # The same image from the Python API.
+    from difflora.generate import GenerationSettings, generate
+
+    pipe = load_pipeline(tiny_model_dir, quiet=True)
+    LoRARuntime.attach(pipe).load(adapter_file, weight=0.8)
+    settings = GenerationSettings("a castle", "blurry", steps=3, guidance=6.0, seed=11, width=64, height=64)
+    expected = generate(pipe, settings)[0]
+    assert list(image.convert("RGB").getdata()) == list(expected.getdata())
+
+
+def test_generate_on_embedded_default_and_fused(tmp_path, adapter_file, capsys):
+    out = tmp_path / "fused.png"
+    assert main(["generate", "--lora", str(adapter_file), "--prompt", "x", "--steps", "2", "--fuse", "--out", str(out)]) == 0
+    assert out.exists() and Image.open(out).size == (64, 64)
+
+
+def test_inspect_names_format_ranks_alphas_modules(adapter_file, capsys):
+    assert main(["inspect", str(adapter_file)]) == 0
+    text = capsys.readouterr().out
+    assert "format:     difflora" in text and "ranks:      4" in text and "alphas:     2" in text
+    assert "unet: 32" in text and "text_encoder: 8" in text and "difflora.base_model: embedded" in text
+    assert main(["inspect", "--json", str(adapter_file)]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["modules_per_component"] == {"text_encoder": 8, "unet": 32}
+
+
+def test_lora_spec_parsing(tmp_path):
+    assert parse_lora_spec("a.safetensors:0.7").weight == 0.7
+    assert parse_lora_spec("a.safetensors:-0.3").weight == -0.3
+    assert parse_lora_spec("a.safetensors").weight == 1.0
+    with pytest.raises(InvalidArgumentError, match="'abc' is not a number"):
+        parse_lora_spec("a.safetensors:abc")
+
+
+def bad_inputs(tiny_model_dir, adapter_file, tmp_path):
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(adapter_file.read_bytes()[:1000])
+    misfit = tmp_path / "misfit.safetensors"
+    key = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    save_file({f"{key}.lora_A.weight": torch.ones(4, 31), f"{key}.lora_B.weight": torch.ones(32, 4)}, str(misfit))
+    unknown = tmp_path / "unknown.safetensors"
+    save_file({"model.weight": torch.ones(3)}, str(unknown))
+    pickle = tmp_path / "lora.ckpt"
+    pickle.write_bytes(b"\x80\x02}q\x00.")
+    model = ["--model", str(tiny_model_dir)]
+    common = ["generate", *model, "--prompt", "p", "--steps", "2"]
+    return [
+        ([*common, "--lora", f"{adapter_file}:abc", "--out", "o.png"], "weight 'abc' is not a number"),
+        ([*common, "--lora", str(tmp_path / "nope.safetensors"), "--out", "o.png"], "no such file"),
+        ([*common, "--lora", str(pickle), "--out", "o.png"], "pickle files"),
+        ([*common, "--lora", str(truncated), "--out", "o.png"], "not a readable safetensors"),
+        ([*common, "--lora", str(unknown), "--out", "o.png"], "no LoRA keys"),
+        ([*common, "--lora", str(misfit), "--out", "o.png"], "(4, 31)"),
+        ([*common, "--steps", "0", "--out", "o.png"], "--steps must be a positive integer"),
+        ([*common, "--width", "-64", "--out", "o.png"], "--width must be a positive multiple of 8"),
+        ([*common, "--out", "o.jpg"], "PNG"),
+        ([*common, "--block-weights", "sideways=1", "--out", "o.png"], "unknown block"),
+        (["generate", "--model", str(tmp_path / "no-model"), "--prompt", "p", "--out", "o.png"], "no-model"),
+        (["inspect", str(truncated)], "truncated.safetensors"),
+    ]
+
+
+def test_every_bad_input_is_one_line_and_exit_2(tiny_model_dir, adapter_file, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for argv, message in bad_inputs(tiny_model_dir, adapter_file, tmp_path):
+        code = main(argv)
+        err = capsys.readouterr().err
+        assert code == 2, argv
+        assert err.startswith("difflora: error: ") and err.count("\n") == 1, err
+        assert message in err, (argv, err)
+    assert not list(tmp_path.glob("o.*"))  # nothing half-written
+
+
+def test_bad_input_from_the_real_command(tmp_path):
+    result = run_cli("generate", "--prompt", "p", "--lora", "x.safetensors:abc", "--out", str(tmp_path / "o.png"))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == ["difflora: error: --lora x.safetensors:abc: weight 'abc' is not a number"]
+    usage = run_cli("generate", "--steps", "many")
+    assert usage.returncode == 2 and len(usage.stderr.strip().splitlines()) == 1
+
+
+def test_init_model_writes_a_loadable_folder(tmp_path, capsys):
+    assert main(["init-model", str(tmp_path / "tiny")]) == 0
+    assert (tmp_path / "tiny" / "model_index.json").exists()
+    assert main(["init-model", str(tmp_path / "tiny")]) == 2  # not over an existing model

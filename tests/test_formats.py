@@ -1,0 +1,213 @@
+"""Adapter files: difflora's own, what diffusers and PEFT write, the legacy layouts, and bad files."""
+
+import json
+
+import pytest
+import torch
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+import difflora.formats as formats
+from difflora import LoRARuntime
+from difflora.errors import AdapterFileError
+from difflora.formats import AdapterState, LoRAModuleWeights, describe_adapter, read_adapter, write_adapter
+from difflora.generate import GenerationSettings, generate
+from difflora.models import load_pipeline
+
+SETTINGS = GenerationSettings(prompt="an oil painting of a lighthouse", steps=3, guidance=5.0, seed=3, width=64, height=64)
+ONE_LEVEL = 1 / 255
+
+
+def image(pipe):
+    return generate(pipe, SETTINGS, output_type="np")[0]
+
+
+@pytest.fixture
+def pipe(tiny_model_dir):
+    return load_pipeline(tiny_model_dir, quiet=True)
+
+
+def mixed_adapter(pipe) -> AdapterState:
+    """Non-zero factors, alpha ≠ rank, and a few modules with another rank and alpha (rank/alpha patterns)."""
+    runtime = LoRARuntime(pipe)
+    runtime.create_adapter("a", rank=4, alpha=8, components=("unet", "text_encoder"), init="random", seed=1)
+    state = runtime.adapter_state("a")
+    runtime.remove_all()
+    generator = torch.Generator().manual_seed(2)
+    for index, key in enumerate(sorted(state.modules)):
+        if index % 5 == 0:  # some modules: rank 2, alpha 3
+            module = state.modules[key]
+            state.modules[key] = LoRAModuleWeights(
+                torch.randn(2, module.down.shape[1], generator=generator) * 0.1,
+                torch.randn(module.up.shape[0], 2, generator=generator) * 0.1,
+                alpha=3.0,
+            )
+    return state
+
+
+def test_difflora_file_round_trips_and_carries_metadata(pipe, tmp_path):
+    state = mixed_adapter(pipe)
+    path = write_adapter(state, tmp_path / "style.safetensors", {"difflora.base_model": "embedded"})
+    again = read_adapter(path)
+    assert again.source_format == "difflora"
+    assert set(again.modules) == set(state.modules)
+    for key, module in state.modules.items():
+        other = again.modules[key]
+        assert torch.equal(other.down, module.down) and torch.equal(other.up, module.up)
+        assert other.alpha == module.alpha and other.scale == module.scale
+    with safe_open(str(path), "pt") as handle:
+        header = handle.metadata()
+    assert header["difflora.base_model"] == "embedded"
+    assert json.loads(header["difflora.ranks"]) == [2, 4]
+    assert json.loads(header["difflora.alphas"]) == [3.0, 8.0]
+    assert json.loads(header["difflora.targets"])["unet"] == ["to_k", "to_out.0", "to_q", "to_v"]
+    assert "difflora.version" in header and "lora_adapter_metadata" in header
+    summary = describe_adapter(again)
+    assert summary["modules_per_component"] == {"text_encoder": 8, "unet": 64}
+    assert summary["ranks"] == [2, 4] and summary["format"] == "difflora"
+
+
+def test_plain_diffusers_loads_difflora_file_at_the_right_scale(tiny_model_dir, pipe, tmp_path):
+    state = mixed_adapter(pipe)
+    path = write_adapter(state, tmp_path / "style.safetensors")
+    runtime = LoRARuntime.attach(pipe)
+    runtime.load(path, weight=1.0)
+    ours = image(pipe)
+
+    plain = load_pipeline(tiny_model_dir, quiet=True)
+    base = image(plain)
+    plain.load_lora_weights(str(path))
+    theirs = image(plain)
+    assert abs(ours - theirs).max() <= ONE_LEVEL
+    assert abs(ours - base).max() > 10 * ONE_LEVEL  # the adapter is visible, so equality means something
+
+
+def write_with_diffusers(pipe, folder, rank, alpha, with_metadata):
+    """A LoRA file as diffusers' training scripts write it (PEFT adapters, then save_lora_weights)."""
+    unet_config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=False, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+    text_config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=False, target_modules=["q_proj", "k_proj", "v_proj", "out_proj"])
+    torch.manual_seed(5)
+    pipe.unet.add_adapter(unet_config)
+    pipe.text_encoder.add_adapter(text_config)
+    extra = {}
+    if with_metadata:
+        extra = {"unet_lora_adapter_metadata": unet_config.to_dict(), "text_encoder_lora_adapter_metadata": text_config.to_dict()}
+    type(pipe).save_lora_weights(
+        str(folder),
+        unet_lora_layers=get_peft_model_state_dict(pipe.unet),
+        text_encoder_lora_layers=get_peft_model_state_dict(pipe.text_encoder),
+        **extra,
+    )
+    return folder / "pytorch_lora_weights.safetensors"
+
+
+@pytest.mark.parametrize("with_metadata", [True, False], ids=["new-scripts", "old-scripts"])
+def test_diffusers_peft_file_loads_into_difflora(tiny_model_dir, tmp_path, with_metadata):
+    writer = load_pipeline(tiny_model_dir, quiet=True)
+    # Old scripts wrote no alpha: diffusers then assumes alpha = rank, so such files are trained with alpha = rank.
+    rank, alpha = (4, 8) if with_metadata else (4, 4)
+    path = write_with_diffusers(writer, tmp_path, rank, alpha, with_metadata)
+
+    plain = load_pipeline(tiny_model_dir, quiet=True)
+    plain.load_lora_weights(str(path))
+    theirs = image(plain)
+
+    ours_pipe = load_pipeline(tiny_model_dir, quiet=True)
+    info = LoRARuntime.attach(ours_pipe).load(tmp_path)  # the folder works as well as the file
+    assert info.modules == 72 and info.alphas == (float(alpha),)
+    ours = image(ours_pipe)
+    assert abs(ours - theirs).max() <= ONE_LEVEL
+    assert abs(ours - image(load_pipeline(tiny_model_dir, quiet=True))).max() > 10 * ONE_LEVEL
+
+
+def test_legacy_layouts_read_as_the_same_adapter(pipe, tmp_path):
+    state = mixed_adapter(pipe)
+    legacy, old = {}, {}
+    for key, module in state.modules.items():
+        component, _, path = key.partition(".")
+        if component == "unet":
+            if path.endswith(".to_out.0"):
+                block, projection = path.removesuffix(".to_out.0"), "to_out"
+            else:
+                block, projection = path.rsplit(".", 1)
+            legacy[f"unet.{block}.processor.{projection}_lora.down.weight"] = module.down
+            legacy[f"unet.{block}.processor.{projection}_lora.up.weight"] = module.up
+        else:
+            legacy[f"text_encoder.text_model.{path}.lora_linear_layer.down.weight"] = module.down
+            legacy[f"text_encoder.text_model.{path}.lora_linear_layer.up.weight"] = module.up
+        old[f"{key}.lora.down.weight"] = module.down
+        old[f"{key}.lora.up.weight"] = module.up
+        old[f"{key}.alpha"] = torch.tensor(module.alpha)
+    save_file(legacy, str(tmp_path / "legacy.safetensors"))
+    save_file(old, str(tmp_path / "old.safetensors"))
+
+    from_legacy = read_adapter(tmp_path / "legacy.safetensors")
+    from_old = read_adapter(tmp_path / "old.safetensors")
+    assert from_legacy.source_format == "diffusers-attn-procs" and from_old.source_format == "diffusers-old"
+    assert set(from_legacy.modules) == set(state.modules) == set(from_old.modules)
+    for key, module in state.modules.items():
+        assert torch.equal(from_legacy.modules[key].up, module.up)
+        assert from_legacy.modules[key].alpha == module.rank  # no alpha in the legacy files: alpha = rank
+        assert from_old.modules[key].alpha == module.alpha
+
+
+def test_unreadable_keys_are_reported_not_dropped(pipe, tmp_path):
+    state = mixed_adapter(pipe)
+    tensors = formats.to_diffusers_state_dict(state)
+    tensors["unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_magnitude_vector"] = torch.ones(32)
+    save_file(tensors, str(tmp_path / "dora.safetensors"))
+    loaded = read_adapter(tmp_path / "dora.safetensors")
+    assert loaded.skipped == ["unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_magnitude_vector"]
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda d: d / "missing.safetensors", "no such file"),
+        (lambda d: (d / "model.bin").write_bytes(b"\x80\x02") and d / "model.bin", "pickle"),
+        (lambda d: (d / "model.ckpt").write_bytes(b"\x80\x02") and d / "model.ckpt", "pickle"),
+        (lambda d: (d / "garbage.safetensors").write_bytes(b"not a safetensors file at all") and d / "garbage.safetensors", "not a readable safetensors"),
+        (lambda d: save_file({"foo.weight": torch.ones(2)}, str(d / "foo.safetensors")) or d / "foo.safetensors", "no LoRA keys"),
+        (lambda d: save_file({"unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight": torch.ones(2, 32)}, str(d / "half.safetensors")) or d / "half.safetensors", "no up factor"),
+        (lambda d: d, "no pytorch_lora_weights"),
+    ],
+    ids=["missing", "bin", "ckpt", "garbage", "no-lora-keys", "half-module", "empty-folder"],
+)
+def test_bad_files_give_one_line_errors(tmp_path, make, message):
+    path = make(tmp_path)
+    with pytest.raises(AdapterFileError) as error:
+        read_adapter(path)
+    assert message in str(error.value) and "\n" not in str(error.value)
+    assert str(path) in str(error.value)
+
+
+def test_truncated_file_is_refused(pipe, tmp_path):
+    path = write_adapter(mixed_adapter(pipe), tmp_path / "full.safetensors")
+    data = path.read_bytes()
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(data[: len(data) // 2])
+    with pytest.raises(AdapterFileError, match="not a readable safetensors") as error:
+        read_adapter(truncated)
+    assert "\n" not in str(error.value)
+
+
+def test_failed_write_leaves_no_file(pipe, tmp_path, monkeypatch):
+    state = mixed_adapter(pipe)
+    target = tmp_path / "out.safetensors"
+    write_adapter(state, target)
+    before = target.read_bytes()
+
+    def failing_save(tensors, filename, metadata=None):
+        with open(filename, "wb") as handle:
+            handle.write(b"half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(formats, "save_file", failing_save)
+    with pytest.raises(OSError):
+        write_adapter(state, target)
+    assert target.read_bytes() == before  # the old file is untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.safetensors"]  # no temporary left behind
+    with pytest.raises(AdapterFileError, match=".safetensors"):
+        write_adapter(state, tmp_path / "out.bin")

@@ -1,0 +1,138 @@
+"""The LoRA maths on its own: factors, several adapters on one layer, fusing."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from difflora.errors import InvalidArgumentError
+from difflora.lora import LoRAFactors, MultiLoRA, lora_scale
+
+
+def random_factors(in_features, out_features, rank, alpha, seed, use_rslora=False):
+    generator = torch.Generator().manual_seed(seed)
+    down = torch.randn(rank, in_features, generator=generator)
+    up = torch.randn(out_features, rank, generator=generator)
+    return LoRAFactors.from_tensors(down, up, alpha=alpha, use_rslora=use_rslora)
+
+
+def test_scale_is_alpha_over_rank_or_sqrt_rank():
+    assert lora_scale(8, 4) == 0.5
+    assert lora_scale(16, 4, use_rslora=True) == 1.0
+    with pytest.raises(InvalidArgumentError, match="rank"):
+        lora_scale(0, 1)
+
+
+def test_new_factors_start_as_zero_change_and_reject_bad_sizes():
+    factors = LoRAFactors(12, 10, rank=4, alpha=8)
+    assert torch.count_nonzero(factors.up) == 0 and torch.count_nonzero(factors.down) > 0
+    assert torch.equal(factors.delta_weight(), torch.zeros(10, 12))
+    for kwargs in ({"rank": 0}, {"rank": -2}, {"rank": 2.5}):
+        with pytest.raises(InvalidArgumentError, match="rank"):
+            LoRAFactors(12, 10, **kwargs)
+    with pytest.raises(InvalidArgumentError, match="in_features"):
+        LoRAFactors(0, 10, rank=2)
+
+
+def test_forward_equals_merged_weight():
+    factors = random_factors(12, 10, rank=3, alpha=5, seed=0)
+    x = torch.randn(7, 12)
+    expected = x @ (5 / 3 * factors.up @ factors.down).t()
+    torch.testing.assert_close(factors(x), expected, rtol=0, atol=1e-5)
+
+
+def test_weighted_adapters_equal_weighted_sum_of_deltas():
+    layer = nn.Linear(12, 10)
+    branch = MultiLoRA(12, 10)
+    a, b = random_factors(12, 10, 4, 8, seed=1), random_factors(12, 10, 2, 1, seed=2, use_rslora=True)
+    branch.add("a", a, multiplier=0.7)
+    branch.add("b", b, multiplier=-0.3)
+    x = torch.randn(5, 12)
+    merged = layer.weight + 0.7 * a.delta_weight() - 0.3 * b.delta_weight()
+    expected = x @ merged.t() + layer.bias
+    with torch.no_grad():
+        out = layer(x) + branch.delta(x)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
+    assert (out - layer(x)).abs().max() > 1e-2  # the adapters really change the output
+
+
+def test_zero_multiplier_and_removal_cost_nothing():
+    branch = MultiLoRA(6, 6)
+    branch.add("a", random_factors(6, 6, 2, 2, seed=3), multiplier=0.0)
+    assert branch.delta(torch.randn(2, 6)) is None
+    branch.set_multiplier("a", 1.0)
+    assert branch.delta(torch.randn(2, 6)) is not None
+    branch.remove("a")
+    assert branch.delta(torch.randn(2, 6)) is None
+
+
+def test_stacked_cache_follows_multiplier_and_in_place_updates():
+    branch = MultiLoRA(6, 4)
+    factors = random_factors(6, 4, 2, 2, seed=4)
+    branch.add("a", factors, multiplier=1.0)
+    x = torch.randn(3, 6)
+    with torch.no_grad():
+        first = branch.delta(x)
+        branch.set_multiplier("a", 2.0)
+        torch.testing.assert_close(branch.delta(x), 2 * first)
+        factors.up.mul_(3.0)  # an optimizer step or load_state_dict writes in place
+        torch.testing.assert_close(branch.delta(x), 6 * first)
+
+
+def test_gradients_flow_to_both_factors_in_training():
+    branch = MultiLoRA(6, 4)
+    factors = LoRAFactors(6, 4, rank=2, alpha=4)
+    branch.add("train", factors)
+    target = torch.randn(3, 4)
+    loss = (branch.delta(torch.randn(3, 6)) * target).sum()  # linear in ΔW: up gets a gradient even at up = 0
+    loss.backward()
+    assert factors.up.grad is not None and factors.down.grad is not None
+    assert torch.count_nonzero(factors.up.grad) > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_fuse_unfuse_is_bit_exact_over_many_cycles(dtype):
+    torch.manual_seed(0)
+    layer = nn.Linear(16, 8).to(dtype)
+    original = layer.weight.detach().clone()
+    branch = MultiLoRA(16, 8)
+    branch.add("a", random_factors(16, 8, 4, 8, seed=5), multiplier=0.7)
+    branch.add("b", random_factors(16, 8, 2, 2, seed=6), multiplier=-0.3)
+    for _ in range(50):
+        branch.fuse(layer)
+        assert not torch.equal(layer.weight, original)
+        branch.unfuse(layer)
+    assert torch.equal(layer.weight, original)
+
+
+def test_fused_layer_equals_unfused_branch():
+    layer = nn.Linear(16, 8)
+    branch = MultiLoRA(16, 8)
+    branch.add("a", random_factors(16, 8, 4, 8, seed=7), multiplier=0.5)
+    x = torch.randn(4, 16)
+    with torch.no_grad():
+        unfused = layer(x) + branch.delta(x)
+        branch.fuse(layer)
+        assert branch.delta(x) is None  # fused: the branch adds nothing on top
+        fused = layer(x)
+    torch.testing.assert_close(fused, unfused, rtol=0, atol=1e-5)
+
+
+def test_fuse_refuses_non_finite_result_and_changes_nothing():
+    layer = nn.Linear(4, 4)
+    original = layer.weight.detach().clone()
+    branch = MultiLoRA(4, 4)
+    bad = random_factors(4, 4, 1, 1, seed=8)
+    with torch.no_grad():
+        bad.up.fill_(math.inf)
+    branch.add("bad", bad)
+    with pytest.raises(FloatingPointError):
+        branch.fuse(layer)
+    assert torch.equal(layer.weight, original) and not branch.fused
+
+
+def test_shape_mismatch_names_both_shapes():
+    branch = MultiLoRA(6, 4)
+    with pytest.raises(InvalidArgumentError, match="6→4"):
+        branch.add("a", LoRAFactors(5, 4, rank=2))

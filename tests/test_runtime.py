@@ -1,0 +1,232 @@
+"""The processors and the multi-adapter runtime on the tiny pipeline: equal to merged weights, exact fusing."""
+
+import pytest
+import torch
+from diffusers.models.attention_processor import AttnProcessor2_0
+
+from difflora import BlockWeights, LoRARuntime
+from difflora.errors import AdapterShapeError, InvalidArgumentError
+from difflora.formats import AdapterState, LoRAModuleWeights
+from difflora.generate import GenerationSettings, generate
+from difflora.models import load_pipeline
+from difflora.processors import LoRAAttnProcessor, AttentionSite, unet_attention_sites
+
+SETTINGS = GenerationSettings(prompt="a red fox in the snow", steps=3, guidance=5.0, seed=7, width=64, height=64)
+
+
+@pytest.fixture
+def pipe(tiny_model_dir):
+    return load_pipeline(tiny_model_dir, quiet=True)
+
+
+def random_adapter(pipe, rank, alpha, seed, components=("unet", "text_encoder")) -> AdapterState:
+    """An adapter with non-zero factors on every attention projection (not a zero-init one that changes nothing)."""
+    runtime = LoRARuntime(pipe)  # a scratch runtime: only used to enumerate and size the projections
+    runtime.create_adapter("scratch", rank=rank, alpha=alpha, components=components, init="random", seed=seed)
+    state = runtime.adapter_state("scratch")
+    runtime.remove_all()
+    return state
+
+
+def merge_into_weights(pipe, adapters: list[tuple[AdapterState, float]], keep=lambda module_key: True):
+    """The reference: ``W ← W + Σ weight · scale · up @ down`` written into the model's own linear layers."""
+    with torch.no_grad():
+        for state, weight in adapters:
+            for module_key, module in state.modules.items():
+                if not keep(module_key):
+                    continue
+                component, _, path = module_key.partition(".")
+                model = getattr(pipe, component)
+                try:
+                    layer = model.get_submodule(path)
+                except AttributeError:
+                    layer = model.get_submodule(f"text_model.{path}")
+                layer.weight += weight * module.scale * (module.up @ module.down)
+
+
+def image(pipe):
+    return generate(pipe, SETTINGS, output_type="np")[0]
+
+
+def test_processor_sizes_come_from_the_block(pipe):
+    channels = list(pipe.unet.config.block_out_channels)
+    sites = unet_attention_sites(pipe.unet)
+    assert len(sites) == len(pipe.unet.attn_processors)
+    for site in sites:
+        expected = {"down": lambda i: channels[i], "up": lambda i: channels[::-1][i], "mid": lambda i: channels[-1]}
+        assert site.block_hidden_size == expected[site.block_kind](site.block_index)
+        if site.path.endswith("attn1"):
+            assert site.cross_attention_dim is None
+        else:
+            assert site.cross_attention_dim == pipe.unet.config.cross_attention_dim
+    # A block whose sizes do not fit its layers is named in the error.
+    site = sites[0]
+    wrong = AttentionSite(site.component, site.path, site.block_kind, site.block_index, site.block_hidden_size * 2, None)
+    with pytest.raises(AdapterShapeError, match=site.path.replace(".", r"\.")):
+        LoRAAttnProcessor(wrong, pipe.unet.get_submodule(site.path))
+
+
+def test_adapter_output_equals_merged_weights(tiny_model_dir, pipe):
+    state = random_adapter(pipe, rank=4, alpha=8, seed=1)
+    runtime = LoRARuntime.attach(pipe)
+    runtime.add_adapter("style", state, weight=0.8)
+    with_lora = image(pipe)
+
+    reference = load_pipeline(tiny_model_dir, quiet=True)
+    base = image(reference)
+    merge_into_weights(reference, [(state, 0.8)])
+    merged = image(reference)
+    assert abs(with_lora - merged).max() < 1e-5
+    assert abs(with_lora - base).max() > 1e-3  # the adapter does change the image
+
+    # And at the UNet itself, on one forward pass.
+    latents = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    context = torch.randn(1, 77, pipe.unet.config.cross_attention_dim, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours = pipe.unet(latents, 10, context).sample
+        theirs = reference.unet(latents, 10, context).sample
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+
+
+def test_zero_initialised_adapter_leaves_image_identical(pipe, tiny_model_dir):
+    base = image(load_pipeline(tiny_model_dir, quiet=True))
+    runtime = LoRARuntime.attach(pipe)
+    runtime.create_adapter("fresh", rank=4, components=("unet", "text_encoder"))
+    assert (image(pipe) == base).all()
+
+
+def test_two_weighted_adapters_equal_weighted_sum_of_deltas(pipe, tiny_model_dir):
+    a = random_adapter(pipe, rank=4, alpha=8, seed=2)
+    b = random_adapter(pipe, rank=2, alpha=1, seed=3, components=("unet",))
+    runtime = LoRARuntime.attach(pipe)
+    runtime.add_adapter("a", a, weight=0.7)
+    runtime.add_adapter("b", b, weight=-0.3)
+    reference = load_pipeline(tiny_model_dir, quiet=True)
+    merge_into_weights(reference, [(a, 0.7), (b, -0.3)])
+    assert abs(image(pipe) - image(reference)).max() < 1e-5
+
+    # Changing a weight is setting a number; the result follows.
+    runtime.set_weight("b", 0.0)
+    only_a = load_pipeline(tiny_model_dir, quiet=True)
+    merge_into_weights(only_a, [(a, 0.7)])
+    assert abs(image(pipe) - image(only_a)).max() < 1e-5
+
+
+def test_up_block_weight_zero_equals_adapter_without_up_blocks(pipe, tiny_model_dir):
+    state = random_adapter(pipe, rank=4, alpha=4, seed=4)
+    runtime = LoRARuntime.attach(pipe)
+    runtime.add_adapter("a", state, weight=1.0, block_weights=BlockWeights(up=0.0))
+    reference = load_pipeline(tiny_model_dir, quiet=True)
+    merge_into_weights(reference, [(state, 1.0)], keep=lambda key: not key.startswith("unet.up_blocks."))
+    assert abs(image(pipe) - image(reference)).max() < 1e-5
+    # Per block index: only up.1 off.
+    runtime.set_block_weights("a", BlockWeights(per_block={"up.1": 0.0}))
+    reference = load_pipeline(tiny_model_dir, quiet=True)
+    merge_into_weights(reference, [(state, 1.0)], keep=lambda key: not key.startswith("unet.up_blocks.1."))
+    assert abs(image(pipe) - image(reference)).max() < 1e-5
+
+
+def test_disable_enable_and_remove_restore_original_processors(pipe, tiny_model_dir):
+    base = image(pipe)
+    originals = {name: type(p) for name, p in pipe.unet.attn_processors.items()}
+    runtime = LoRARuntime.attach(pipe)
+    runtime.add_adapter("a", random_adapter(pipe, 4, 4, seed=5), weight=1.0)
+    assert all(isinstance(p, LoRAAttnProcessor) for p in pipe.unet.attn_processors.values())
+    changed = image(pipe)
+    runtime.disable("a")
+    assert (image(pipe) == base).all()
+    runtime.enable("a")
+    assert abs(image(pipe) - changed).max() < 1e-6
+    runtime.remove("a")
+    assert {name: type(p) for name, p in pipe.unet.attn_processors.items()} == originals
+    assert all(type(p) is AttnProcessor2_0 for p in pipe.unet.attn_processors.values())
+    assert not any("difflora" in key or ".processor." in key for key in pipe.unet.state_dict())
+    assert not any("difflora" in key for key in pipe.text_encoder.state_dict())
+    assert (image(pipe) == base).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fuse_unfuse_restores_weights_bit_exactly(tiny_model_dir, dtype):
+    pipe = load_pipeline(tiny_model_dir, dtype=dtype, quiet=True)
+    runtime = LoRARuntime.attach(pipe)
+    runtime.add_adapter("a", random_adapter(pipe, 4, 8, seed=6), weight=0.7)
+    runtime.add_adapter("b", random_adapter(pipe, 2, 1, seed=7), weight=-0.3)
+    originals = {
+        component: {name: p.detach().clone() for name, p in getattr(pipe, component).named_parameters()}
+        for component in ("unet", "text_encoder")
+    }
+    for _ in range(50):
+        runtime.fuse()
+        runtime.unfuse()
+    for component, parameters in originals.items():
+        current = dict(getattr(pipe, component).named_parameters())
+        assert all(torch.equal(current[name], value) for name, value in parameters.items())
+    runtime.fuse()
+    changed = [name for name, p in pipe.unet.named_parameters() if not torch.equal(p, originals["unet"][name])]
+    assert changed and all(name.rsplit(".", 2)[-2] in ("to_q", "to_k", "to_v", "0") for name in changed)
+
+
+def test_fused_image_equals_unfused_image(pipe):
+    runtime = LoRARuntime.attach(pipe)
+    runtime.add_adapter("a", random_adapter(pipe, 4, 8, seed=8), weight=0.7)
+    runtime.add_adapter("b", random_adapter(pipe, 2, 1, seed=9), weight=-0.3)
+    unfused = image(pipe)
+    runtime.fuse()
+    assert abs(image(pipe) - unfused).max() < 1e-5
+    # A weight change while fused re-fuses with the new mix.
+    runtime.set_weight("b", 0.0)
+    fused_a = image(pipe)
+    runtime.unfuse()
+    assert abs(image(pipe) - fused_a).max() < 1e-5
+
+
+def test_rslora_scale(pipe, tiny_model_dir):
+    state = random_adapter(pipe, rank=4, alpha=2, seed=10, components=("unet",))
+    for module in state.modules.values():
+        module.use_rslora = True
+    assert next(iter(state.modules.values())).scale == 1.0  # 2 / sqrt(4)
+    LoRARuntime.attach(pipe).add_adapter("rs", state)
+    reference = load_pipeline(tiny_model_dir, quiet=True)
+    merge_into_weights(reference, [(state, 1.0)])
+    assert abs(image(pipe) - image(reference)).max() < 1e-5
+
+
+def test_bad_adapters_leave_the_pipeline_as_it_was(pipe):
+    runtime = LoRARuntime.attach(pipe)
+    good = random_adapter(pipe, 4, 4, seed=11)
+    runtime.add_adapter("good", good, weight=0.5)
+    before = image(pipe)
+    processors_before = dict(pipe.unet.attn_processors)
+
+    misfit = AdapterState(modules=dict(good.modules))
+    first_key = sorted(misfit.modules)[-1]
+    module = misfit.modules[first_key]
+    misfit.modules[first_key] = LoRAModuleWeights(module.down[:, :-1], module.up, module.alpha)
+    with pytest.raises(AdapterShapeError) as error:
+        runtime.add_adapter("misfit", misfit)
+    message = str(error.value)
+    assert first_key in message and str(tuple(module.down[:, :-1].shape)) in message and "\n" not in message
+
+    unknown = AdapterState(modules={"unet.nowhere.attn1.to_q": module})
+    with pytest.raises(AdapterShapeError, match="not an attention projection"):
+        runtime.add_adapter("unknown", unknown)
+    with pytest.raises(InvalidArgumentError, match="already loaded"):
+        runtime.add_adapter("good", good)
+    with pytest.raises(InvalidArgumentError, match="number"):
+        runtime.set_weight("good", "abc")
+    with pytest.raises(InvalidArgumentError, match="no adapter named"):
+        runtime.set_weight("missing", 1.0)
+    for rank in (0, -1):
+        with pytest.raises(InvalidArgumentError, match="rank"):
+            runtime.create_adapter("new", rank=rank)
+
+    assert list(runtime.adapters) == ["good"]
+    assert dict(pipe.unet.attn_processors) == processors_before
+    assert (image(pipe) == before).all()
+
+
+def test_adapter_named_like_a_module_attribute(pipe):
+    runtime = LoRARuntime.attach(pipe)
+    runtime.create_adapter("train", rank=2, init="random", seed=1)
+    runtime.set_weight("train", 0.5)
+    assert runtime.adapter_state("train").modules
