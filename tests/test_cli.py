@@ -62,10 +62,10 @@ def test_inspect_names_format_ranks_alphas_modules(adapter_file, capsys):
     assert main(["inspect", str(adapter_file)]) == 0
     text = capsys.readouterr().out
     assert "format:     difflora" in text and "ranks:      4" in text and "alphas:     2" in text
-    assert "unet: 32" in text and "text_encoder: 8" in text and "difflora.base_model: embedded" in text
+    assert "unet: 56" in text and "text_encoder: 8" in text and "difflora.base_model: embedded" in text
     assert main(["inspect", "--json", str(adapter_file)]) == 0
     summary = json.loads(capsys.readouterr().out)
-    assert summary["modules_per_component"] == {"text_encoder": 8, "unet": 32}
+    assert summary["modules_per_component"] == {"text_encoder": 8, "unet": 56}
 
 
 def test_lora_spec_parsing(tmp_path):
