@@ -173,6 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("file")
     inspect.add_argument("--json", action="store_true", help="print JSON")
     inspect.set_defaults(run=_cmd_inspect)
+
+    # Listed for --help only: main() hands "difflora train ..." to difflora.train before parsing.
+    commands.add_parser("train", help="train a LoRA style adapter (difflora train --help lists its options)")
     return parser
 
 
@@ -188,6 +191,12 @@ def _quiet_libraries() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["train"]:
+        # The training options (and their --help) come from TrainConfig; hand everything after "train" over.
+        from .train import main as train_main
+
+        return train_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     _quiet_libraries()

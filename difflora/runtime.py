@@ -405,6 +405,29 @@ class LoRARuntime:
                     )
         return AdapterState(modules=modules, metadata=dict(info.metadata))
 
+    def copy_into(self, name: str, state: AdapterState) -> None:
+        """Overwrite adapter ``name``'s factors in place with ``state``'s (same modules and shapes), e.g. on resume.
+
+        In place, so optimizers holding these parameters keep working.
+        """
+        current = self.adapter_state(name)
+        if set(current.modules) != set(state.modules):
+            missing = sorted(set(current.modules) ^ set(state.modules))[:1]
+            raise AdapterShapeError(f"adapter {name!r}: the saved factors cover other modules (e.g. {missing[0]!r})")
+        pairs = []
+        for site_key, processor in self._processors.items():
+            for projection in processor.projections:
+                branch = processor.branch(projection)
+                if name in branch.adapters:
+                    saved, factors = state.modules[f"{site_key}.{projection}"], branch.adapters[name]
+                    if saved.down.shape != factors.down.shape or saved.up.shape != factors.up.shape:
+                        raise AdapterShapeError(f"adapter {name!r}: saved {site_key}.{projection} has other shapes")
+                    pairs.append((saved, factors))
+        with torch.no_grad():  # every shape checked first, so a bad file changes nothing
+            for saved, factors in pairs:
+                factors.down.copy_(saved.down)
+                factors.up.copy_(saved.up)
+
     def save(self, name: str, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:
         """Write adapter ``name`` to a ``.safetensors`` file that difflora and plain diffusers load."""
         return write_adapter(self.adapter_state(name), path, metadata)
