@@ -288,8 +288,8 @@ def train(config: TrainConfig, progress=None) -> TrainingResult:
     adapter_path = output_dir / f"{config.name}.safetensors"
     if accelerator.is_main_process:
         runtime.save(config.name, adapter_path, adapter_metadata(config, pipe))
-        if config.validation_prompts:
-            _validate(accelerator, pipe, config, step)
+        if config.validation_prompts and not (config.validation_steps and step % config.validation_steps == 0):
+            _validate(accelerator, pipe, config, step)  # unless the loop just rendered this step
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return TrainingResult(adapter_path, step, losses, last_checkpoint=last_checkpoint)

@@ -1,0 +1,85 @@
+"""The steps the training recipe is made of, each on its own, and the options that change how a run goes."""
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import DDPMScheduler
+
+from difflora.errors import InvalidArgumentError
+from difflora.lora import LoRAFactors
+from difflora.train import train
+from difflora.train_config import make_config
+from difflora.training import build_optimizer, diffusion_loss, diffusion_target, draw_noise, lora_parameter_groups
+
+SAMPLES = Path(__file__).resolve().parent.parent / "samples"
+
+
+@pytest.fixture
+def scheduler():
+    return DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000)
+
+
+def test_v_prediction_target(scheduler):
+    latents, noise = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
+    timesteps = torch.tensor([10, 500, 990])
+    alpha_bar = scheduler.alphas_cumprod[timesteps].view(-1, 1, 1, 1)
+    expected = alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * latents  # v = √ᾱ ε − √(1−ᾱ) x₀
+    torch.testing.assert_close(diffusion_target(scheduler, latents, noise, timesteps, "v_prediction"), expected)
+    assert diffusion_target(scheduler, latents, noise, timesteps, "epsilon") is noise
+    with pytest.raises(InvalidArgumentError, match="sample"):
+        diffusion_target(scheduler, latents, noise, timesteps, "sample")
+
+
+def test_min_snr_weighting(scheduler):
+    output, target = torch.zeros(2, 4, 4, 4), torch.ones(2, 4, 4, 4)  # per-sample MSE = 1
+    timesteps = torch.tensor([5, 900])  # SNR far above and far below γ = 5
+    snr = scheduler.alphas_cumprod[timesteps] / (1 - scheduler.alphas_cumprod[timesteps])
+    assert snr[0] > 5 > snr[1]
+    plain = diffusion_loss(output, target, timesteps, scheduler, "epsilon")
+    assert plain.item() == 1.0
+    eps = diffusion_loss(output, target, timesteps, scheduler, "epsilon", snr_gamma=5.0)
+    assert eps.item() == pytest.approx(((5 / snr[0]) + 1.0).item() / 2, rel=1e-5)
+    v = diffusion_loss(output, target, timesteps, scheduler, "v_prediction", snr_gamma=5.0)
+    assert v.item() == pytest.approx(((5 / (snr[0] + 1)) + snr[1] / (snr[1] + 1)).item() / 2, rel=1e-5)
+
+
+def test_noise_draws_are_reproducible_and_offset():
+    first = draw_noise((4, 4, 8, 8), 1000, torch.Generator().manual_seed(1), noise_offset=0.1)
+    again = draw_noise((4, 4, 8, 8), 1000, torch.Generator().manual_seed(1), noise_offset=0.1)
+    plain = draw_noise((4, 4, 8, 8), 1000, torch.Generator().manual_seed(1))
+    assert torch.equal(first.noise, again.noise) and torch.equal(first.timesteps, again.timesteps)
+    assert not torch.equal(first.noise, plain.noise)
+    assert first.timesteps.min() >= 0 and first.timesteps.max() < 1000
+
+
+def test_loraplus_and_lora_fa_groups():
+    factors = [LoRAFactors(8, 8, 2), LoRAFactors(8, 8, 2)]
+    params = [p for f in factors for p in (f.down, f.up)]
+    groups = lora_parameter_groups([(params, 1e-4)], loraplus_ratio=16.0)
+    assert [g["lr"] for g in groups] == [1e-4, 1.6e-3]
+    assert groups[0]["params"][0] is factors[0].down and groups[1]["params"][0] is factors[0].up
+    groups = lora_parameter_groups([(params, 1e-4)], lora_fa=True)
+    assert len(groups) == 1 and all(p.requires_grad is False for p in params[0::2])
+    with pytest.raises(InvalidArgumentError, match="adamw"):
+        build_optimizer(groups, "sgd", 0.0)
+
+
+def test_mixed_precision_accumulation_checkpointing_logs_and_validation(tmp_path, tiny_model_dir):
+    config = make_config(dict(
+        data=str(SAMPLES / "ink-waves"), model=str(tiny_model_dir), output=str(tmp_path / "run"), steps=2,
+        batch_size=2, gradient_accumulation=2, mixed_precision="bf16", gradient_checkpointing=True,
+        train_text_encoder=True, text_encoder_lr=5e-4, loraplus_ratio=4.0, lr_scheduler="cosine", lr_warmup_steps=1,
+        prediction_type="v_prediction", validation_prompts=["inkwave style, a moon"], validation_inference_steps=2,
+        shuffle_captions=True, keep_tokens=1, caption_dropout=0.2, random_flip=True, seed=1,
+    ))
+    result = train(config)
+    assert result.steps == 2 and all(math.isfinite(loss) for loss in result.losses)
+    from difflora.formats import read_adapter
+
+    adapter = read_adapter(result.adapter_path)
+    assert adapter.modules_per_component() == {"text_encoder": 8, "unet": 56}
+    assert all(module.down.dtype == torch.float32 for module in adapter.modules.values())  # LoRA stays fp32
+    assert list((tmp_path / "run" / "logs").rglob("events.out.tfevents*"))
+    assert (tmp_path / "run" / "validation" / "step-000002.png").is_file()
