@@ -142,6 +142,21 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from .formats import read_adapter, write_adapter
+
+    state = read_adapter(args.input)
+    if state.skipped and args.strict:
+        raise InvalidArgumentError(
+            f"--strict: {args.input} holds {len(state.skipped)} keys difflora cannot carry (first: {state.skipped[0]})"
+        )
+    write_adapter(state, args.out, layout=args.to)
+    if state.skipped:
+        print(f"not carried over ({len(state.skipped)} keys difflora cannot apply): {', '.join(state.skipped[:10])}", file=sys.stderr)
+    print(args.out)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -174,6 +189,13 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("file")
     inspect.add_argument("--json", action="store_true", help="print JSON")
     inspect.set_defaults(run=_cmd_inspect)
+
+    convert = commands.add_parser("convert", help="rewrite an adapter file in another format")
+    convert.add_argument("input", metavar="IN", help="adapter file (any format difflora reads)")
+    convert.add_argument("--to", required=True, choices=("difflora", "diffusers", "kohya"), help="output format")
+    convert.add_argument("--out", required=True, help="output .safetensors")
+    convert.add_argument("--strict", action="store_true", help="fail if any key of IN cannot be carried over")
+    convert.set_defaults(run=_cmd_convert)
 
     # Listed for --help only: main() hands "difflora train ..." to difflora.train before parsing.
     commands.add_parser("train", help="train a LoRA style adapter (difflora train --help lists its options)")

@@ -397,9 +397,14 @@ class CaptionedImages(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
+    def caption(self, index: int) -> str:
+        """Sample ``index``'s caption this epoch (trigger word, shuffle, dropout), without loading its image."""
+        rng = _stable_rng(self.config.seed, self.epoch, index, "caption")
+        return process_caption(self.items[index].caption, self.config, rng)
+
     def __getitem__(self, index: int) -> dict:
         item, bucket, config = self.items[index], self.bucket_per_index[index], self.config
-        caption = process_caption(item.caption, config, _stable_rng(config.seed, self.epoch, index, "caption"))
+        caption = self.caption(index)
         image_rng = _stable_rng(config.seed, self.epoch, index, "image")
         pixels = prepare_image(load_rgb(item.path), bucket, config.center_crop, config.random_flip, image_rng)
         return {"pixel_values": pixels, "caption": caption, "path": str(item.path), "bucket": bucket, "index": index}
@@ -530,24 +535,30 @@ class LatentDiskCache:
     def __init__(self, folder: str | Path) -> None:
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
+        self._read: dict[str, torch.Tensor] = {}  # each file is read once per run, not once per step
 
     def _path(self, key: str) -> Path:
         _check_key(key)
         return self.folder / f"{key}.safetensors"
 
     def get(self, key: str) -> torch.Tensor | None:
+        if key in self._read:
+            return self._read[key]
         path = self._path(key)
         if not path.is_file():
             return None
         try:
-            return load_file(str(path))["latents"]
+            self._read[key] = load_file(str(path))["latents"]
+            return self._read[key]
         except (OSError, SafetensorError, KeyError) as error:
             logger.warning("latent cache file %s cannot be read (%s); it will be recomputed", path, error)
             return None
 
     def put(self, key: str, latents: torch.Tensor) -> None:
+        latents = latents.detach().to("cpu").contiguous()
         with atomic_path(self._path(key)) as temporary:
-            save_file({"latents": latents.detach().to("cpu").contiguous()}, str(temporary))
+            save_file({"latents": latents}, str(temporary))
+        self._read[key] = latents
 
     def __contains__(self, key: object) -> bool:
         return isinstance(key, str) and bool(_CACHE_KEY.match(key)) and self._path(key).is_file()

@@ -45,6 +45,9 @@ __all__ = [
     "to_diffusers_state_dict",
     "split_module_key",
     "describe_adapter",
+    "to_kohya_state_dict",
+    "kohya_metadata",
+    "WRITE_LAYOUTS",
     "COMPONENTS",
     "PICKLE_SUFFIXES",
 ]
@@ -152,6 +155,14 @@ def _classify(key: str) -> tuple[str, str, str] | None:
     return None
 
 
+def _check_factor_shapes(source: str, module_key: str, down: torch.Tensor, up: torch.Tensor) -> None:
+    if down.ndim != 2 or up.ndim != 2 or up.shape[1] != down.shape[0]:
+        raise AdapterFileError(
+            f"{source}: module {module_key!r} has factors of shapes {tuple(down.shape)} and {tuple(up.shape)}, "
+            "expected down (rank × in) and up (out × rank)"
+        )
+
+
 def _diffusers_alpha(config: dict, path: str, rank: int) -> tuple[float, bool] | None:
     """Alpha and rsLoRA flag of one module from a diffusers/PEFT LoraConfig dict, as PEFT itself resolves them."""
     from peft.utils.other import get_pattern_key
@@ -193,10 +204,8 @@ def parse_state_dict(
         AdapterFileError: when no key is in a format difflora reads, or a module lacks its up or down factor.
     """
     header = dict(header or {})
-    if any(key.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")) for key in tensors):
-        raise AdapterFileError(
-            f"{source}: kohya/A1111 keys (lora_unet_…/lora_te_…) are not readable by this version of difflora"
-        )
+    if any(key.startswith(_KOHYA_PREFIXES) for key in tensors):
+        return _parse_kohya(tensors, header, source)
     factors: dict[str, dict[str, torch.Tensor]] = collections.defaultdict(dict)
     alphas: dict[str, float] = {}
     formats: collections.Counter = collections.Counter()
@@ -228,11 +237,7 @@ def parse_state_dict(
             missing = "up" if "down" in pair else "down"
             raise AdapterFileError(f"{source}: module {module_key!r} has no {missing} factor")
         down, up = pair["down"], pair["up"]
-        if down.ndim != 2 or up.ndim != 2 or up.shape[1] != down.shape[0]:
-            raise AdapterFileError(
-                f"{source}: module {module_key!r} has factors of shapes {tuple(down.shape)} and {tuple(up.shape)}, "
-                "expected down (rank × in) and up (out × rank)"
-            )
+        _check_factor_shapes(source, module_key, down, up)
         rank = down.shape[0]
         component, _, path = module_key.partition(".")
         use_rslora = False
@@ -248,6 +253,103 @@ def parse_state_dict(
         format_name = "difflora"
     metadata = {key: value for key, value in header.items() if key not in ("format", DIFFUSERS_METADATA_KEY)}
     return AdapterState(modules=modules, metadata=metadata, source_format=format_name, skipped=skipped)
+
+
+# ----- kohya / A1111 / ComfyUI ---------------------------------------------------------------------------------------
+
+_KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
+_KOHYA_KEY = re.compile(r"^(lora_unet|lora_te1|lora_te2|lora_te)_(.+)\.(lora_down\.weight|lora_up\.weight|alpha)$")
+# kohya flattens module paths with underscores; these patterns put the dots back for the modules difflora adapts.
+_KOHYA_UNET_MODULE = re.compile(
+    r"^(?:(down_blocks|up_blocks)_(\d+)_|(mid_block)_)attentions_(\d+)_transformer_blocks_(\d+)_(attn1|attn2)_"
+    r"(to_q|to_k|to_v|to_out_0)$"
+)
+_KOHYA_TEXT_MODULE = re.compile(r"^(?:text_model_)?encoder_layers_(\d+)_self_attn_(q_proj|k_proj|v_proj|out_proj)$")
+_KOHYA_COMPONENT = {"lora_unet": "unet", "lora_te": "text_encoder", "lora_te1": "text_encoder", "lora_te2": "text_encoder_2"}
+
+
+def _kohya_module_key(prefix: str, name: str) -> str | None:
+    """``lora_unet_down_blocks_0_…_attn1_to_q`` → ``unet.down_blocks.0.….attn1.to_q``; ``None`` for other modules."""
+    component = _KOHYA_COMPONENT[prefix]
+    if component == "unet":
+        match = _KOHYA_UNET_MODULE.match(name)
+        if not match:
+            return None
+        kind, index, mid, attention, block, attn, projection = match.groups()
+        where = f"{kind}.{index}" if kind else mid
+        projection = "to_out.0" if projection == "to_out_0" else projection
+        return f"unet.{where}.attentions.{attention}.transformer_blocks.{block}.{attn}.{projection}"
+    match = _KOHYA_TEXT_MODULE.match(name)
+    if not match:
+        return None
+    layer, projection = match.groups()
+    return f"{component}.encoder.layers.{layer}.self_attn.{projection}"
+
+
+def _parse_kohya(tensors: dict[str, torch.Tensor], header: dict[str, str], source: str) -> AdapterState:
+    """kohya sd-scripts / A1111 / ComfyUI LoRA: ``lora_unet_…`` and ``lora_te_…`` with ``.lora_down``, ``.lora_up``
+    and ``.alpha`` (scale = alpha / rank; alpha = rank when absent). Other modules and LyCORIS keys are reported in
+    ``skipped``."""
+    factors: dict[str, dict[str, torch.Tensor]] = collections.defaultdict(dict)
+    skipped = []
+    for key, tensor in tensors.items():
+        match = _KOHYA_KEY.match(key)
+        module_key = _kohya_module_key(match.group(1), match.group(2)) if match else None
+        if module_key is None or (match.group(3) != "alpha" and tensor.ndim != 2):
+            skipped.append(key)  # conv LoRA (4-D), LoHa/LoKr, feed-forward and projection modules
+            continue
+        factors[module_key][{"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}[match.group(3)]] = tensor
+    modules = {}
+    for module_key in sorted(factors):
+        parts = factors[module_key]
+        if "down" not in parts or "up" not in parts:
+            raise AdapterFileError(f"{source}: module {module_key!r} has no {'up' if 'down' in parts else 'down'} factor")
+        _check_factor_shapes(source, module_key, parts["down"], parts["up"])
+        alpha = float(parts["alpha"].item()) if "alpha" in parts else float(parts["down"].shape[0])
+        modules[module_key] = LoRAModuleWeights(down=parts["down"], up=parts["up"], alpha=alpha)
+    if not modules:
+        raise AdapterFileError(f"{source}: kohya file holds no attention LoRA difflora can apply ({len(skipped)} keys skipped)")
+    metadata = {key: value for key, value in header.items() if key != "format"}
+    return AdapterState(modules=modules, metadata=metadata, source_format="kohya", skipped=skipped)
+
+
+def _kohya_name(module_key: str) -> str:
+    component, _, path = module_key.partition(".")
+    prefix = {"unet": "lora_unet", "text_encoder": "lora_te", "text_encoder_2": "lora_te2"}[component]
+    return f"{prefix}_{_file_module_path(component, path).replace('.', '_')}"
+
+
+def to_kohya_state_dict(state: AdapterState) -> dict[str, torch.Tensor]:
+    """kohya/A1111/ComfyUI tensors with each module's real alpha (rsLoRA scales are written as the equivalent alpha)."""
+    tensors = {}
+    has_second_encoder = any(key.startswith("text_encoder_2.") for key in state.modules)
+    for module_key, weights in state.modules.items():
+        name = _kohya_name(module_key)
+        if has_second_encoder and name.startswith("lora_te_"):
+            name = "lora_te1_" + name.removeprefix("lora_te_")  # SDXL files name the first encoder te1
+        tensors[f"{name}.lora_down.weight"] = weights.down.detach().contiguous()
+        tensors[f"{name}.lora_up.weight"] = weights.up.detach().contiguous()
+        tensors[f"{name}.alpha"] = torch.tensor(weights.scale * weights.rank, dtype=torch.float32)
+    return tensors
+
+
+def kohya_metadata(state: AdapterState, title: str = "difflora adapter") -> dict[str, str]:
+    """kohya's ``ss_*`` keys and the ``modelspec.*`` keys A1111 and ComfyUI show."""
+    ranks = collections.Counter(w.rank for w in state.modules.values())
+    alphas = collections.Counter(w.scale * w.rank for w in state.modules.values())
+    rank, alpha = ranks.most_common(1)[0][0], alphas.most_common(1)[0][0]
+    sdxl = any(key.startswith("text_encoder_2.") for key in state.modules)
+    return {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(rank),
+        "ss_network_alpha": f"{alpha:g}",
+        "ss_base_model_version": "sdxl_base_v1-0" if sdxl else "sd_v1",
+        "ss_training_comment": "written by difflora",
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": ("stable-diffusion-xl-v1-base" if sdxl else "stable-diffusion-v1") + "/lora",
+        "modelspec.implementation": "diffusers",
+        "modelspec.title": title,
+    }
 
 
 def _resolve_file(path: Path) -> Path:
@@ -337,18 +439,27 @@ def diffusers_lora_metadata(state: AdapterState) -> dict[str, object]:
     return flat
 
 
-def write_adapter(state: AdapterState, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:
+WRITE_LAYOUTS = ("difflora", "diffusers", "kohya")
+
+
+def write_adapter(
+    state: AdapterState, path: str | os.PathLike, metadata: dict[str, str] | None = None, layout: str = "difflora"
+) -> Path:
     """Write ``state`` to one ``.safetensors`` file atomically (temporary file, then rename).
 
-    The header carries diffusers' ``lora_adapter_metadata`` (so plain diffusers applies the right scales) and
-    difflora's own keys: ``difflora.format``, ``difflora.version``, ``difflora.ranks``, ``difflora.alphas``,
-    ``difflora.targets`` and anything in ``state.metadata`` or ``metadata`` (e.g. ``difflora.base_model``).
+    ``layout``: ``difflora`` and ``diffusers`` write diffusers' keys with its ``lora_adapter_metadata`` header (so
+    plain diffusers applies the right scales); ``kohya`` writes ``lora_unet_…``/``lora_te_…`` keys with each module's
+    real ``.alpha`` and kohya's ``ss_*`` and ``modelspec.*`` header keys, for A1111, ComfyUI and kohya's tools.
+    Every layout also carries difflora's keys: ``difflora.format``, ``difflora.version``, ``difflora.ranks``,
+    ``difflora.alphas``, ``difflora.targets`` and anything in ``state.metadata`` or ``metadata``.
     """
     from . import __version__
 
     path = Path(path)
     if path.suffix.lower() != ".safetensors":
         raise AdapterFileError(f"{path}: adapters are written as .safetensors; give a path ending in .safetensors")
+    if layout not in WRITE_LAYOUTS:
+        raise AdapterFileError(f"{path}: layout {layout!r} is not one of {', '.join(WRITE_LAYOUTS)}")
     if not state.modules:
         raise AdapterFileError(f"{path}: the adapter has no modules; nothing to write")
     targets = collections.defaultdict(set)
@@ -368,7 +479,12 @@ def write_adapter(state: AdapterState, path: str | os.PathLike, metadata: dict[s
             "difflora.targets": json.dumps({component: sorted(names) for component, names in sorted(targets.items())}),
         }
     )
-    tensors = to_diffusers_state_dict(state)
+    if layout == "kohya":
+        header.pop(DIFFUSERS_METADATA_KEY)
+        header.update(kohya_metadata(state, title=path.stem))
+        tensors = to_kohya_state_dict(state)
+    else:
+        tensors = to_diffusers_state_dict(state)
     with atomic_path(path) as temporary:
         save_file(tensors, str(temporary), metadata=header)
     return path

@@ -186,22 +186,24 @@ def train(config: TrainConfig, progress=None) -> TrainingResult:
     latent_cache = (datasets.LatentDiskCache(Path(config.cache_dir)) if config.cache_dir else datasets.LatentMemoryCache()) if use_latent_cache else None
     text_cache = TextEmbeddingCache(pipe.tokenizer, text_encoder, enabled=config.cache_text_encoder_outputs and not config.train_text_encoder)
 
-    cache_keys: dict[tuple[str, tuple[int, int]], str] = {}  # hashing a file once per run, not once per step
+    cache_keys: dict[int, str] = {}  # a file is hashed once per run, not once per step
 
-    def latents_for(batch) -> torch.Tensor:
+    def latents_and_captions(indices: list[int]) -> tuple[torch.Tensor, list[str]]:
+        """The batch's latents and captions. Images are loaded only for latents not in the cache yet."""
+        captions = [dataset.caption(i) for i in indices]
         if latent_cache is None:
-            return encode_latents(vae, batch["pixel_values"]).to(accelerator.device)
-        keys = []
-        for path, bucket in zip(batch["paths"], batch["buckets"]):
-            if (path, bucket) not in cache_keys:
-                cache_keys[(path, bucket)] = datasets.cache_key(Path(path), bucket, data_config, model_id=str(config.model))
-            keys.append(cache_keys[(path, bucket)])
-        missing = [i for i, key in enumerate(keys) if latent_cache.get(key) is None]
+            pixels = datasets.collate_batch([dataset[i] for i in indices])["pixel_values"]
+            return encode_latents(vae, pixels).to(accelerator.device), captions
+        for i in indices:
+            if i not in cache_keys:
+                path, bucket = dataset.items[i].path, dataset.bucket_per_index[i]
+                cache_keys[i] = datasets.cache_key(Path(path), bucket, data_config, model_id=str(config.model))
+        missing = [i for i in indices if latent_cache.get(cache_keys[i]) is None]
         if missing:
-            encoded = encode_latents(vae, batch["pixel_values"][missing])
-            for i, latent in zip(missing, encoded):
-                latent_cache.put(keys[i], latent.cpu())
-        return torch.stack([latent_cache.get(key) for key in keys]).to(accelerator.device)
+            pixels = datasets.collate_batch([dataset[i] for i in missing])["pixel_values"]
+            for i, latent in zip(missing, encode_latents(vae, pixels)):
+                latent_cache.put(cache_keys[i], latent.cpu())
+        return torch.stack([latent_cache.get(cache_keys[i]) for i in indices]).to(accelerator.device), captions
 
     # 7. Resume.
     first_step = checkpoints.resume() if config.resume else 0
@@ -222,21 +224,19 @@ def train(config: TrainConfig, progress=None) -> TrainingResult:
             for batch_number, indices in enumerate(sampler):
                 if batch_number < skip_batches:
                     continue
-                items = [dataset[i] for i in indices[rank * local_batch:(rank + 1) * local_batch]]
-                batch = datasets.collate_batch(items)
                 with accelerator.accumulate(*trained):
-                    latents = latents_for(batch)
+                    latents, captions = latents_and_captions(indices[rank * local_batch:(rank + 1) * local_batch])
                     # Noise for the whole global batch from the shared generator; this process takes its slice.
                     draw = draw_noise((len(indices), *latents.shape[1:]), noise_scheduler.config.num_train_timesteps, random_state.generator, config.noise_offset)
                     part = slice(rank * local_batch, rank * local_batch + latents.shape[0])
                     noise, timesteps = draw.noise[part].to(accelerator.device), draw.timesteps[part].to(accelerator.device)
                     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
                     if config.train_text_encoder:
-                        ids = text_cache.tokenize(batch["captions"]).to(accelerator.device)
+                        ids = text_cache.tokenize(captions).to(accelerator.device)
                         with accelerator.autocast():
                             context = train_text_encoder(ids)[0]
                     else:
-                        context = text_cache.encode(batch["captions"], accelerator.device)
+                        context = text_cache.encode(captions, accelerator.device)
                     with accelerator.autocast():
                         prediction = train_unet(noisy.to(weight_dtype), timesteps, context.to(weight_dtype)).sample
                     target = diffusion_target(noise_scheduler, latents, noise, timesteps, prediction_type)

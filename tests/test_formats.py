@@ -211,3 +211,48 @@ def test_failed_write_leaves_no_file(pipe, tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.safetensors"]  # no temporary left behind
     with pytest.raises(AdapterFileError, match=".safetensors"):
         write_adapter(state, tmp_path / "out.bin")
+
+
+def test_kohya_file_with_alpha_not_rank_equals_merged_weights(pipe, tiny_model_dir, tmp_path):
+    from difflora.formats import to_kohya_state_dict
+
+    state = mixed_adapter(pipe)  # alphas 8 and 3 on ranks 4 and 2
+    tensors = to_kohya_state_dict(state)
+    assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_out_0.alpha" in tensors
+    assert "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight" in tensors
+    # What kohya also writes and difflora cannot apply yet must be reported, not dropped.
+    tensors["lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight"] = torch.ones(4, 32, 3, 3)
+    tensors["lora_unet_down_blocks_0_resnets_0_conv1.lora_up.weight"] = torch.ones(32, 4, 1, 1)
+    tensors["lora_unet_mid_block_attentions_0_proj_in.hada_w1_a"] = torch.ones(4, 4)
+    save_file(tensors, str(tmp_path / "kohya.safetensors"), metadata={"ss_network_dim": "4", "ss_network_alpha": "8"})
+    loaded = read_adapter(tmp_path / "kohya.safetensors")
+    assert loaded.source_format == "kohya" and len(loaded.skipped) == 3
+    assert loaded.metadata["ss_network_alpha"] == "8"
+
+    LoRARuntime.attach(pipe).add_adapter("kohya", loaded)
+    reference = load_pipeline(tiny_model_dir, quiet=True)
+    with torch.no_grad():
+        for key, module in state.modules.items():
+            component, _, path = key.partition(".")
+            layer = getattr(reference, component).get_submodule(path)
+            layer.weight += (module.alpha / module.rank) * (module.up @ module.down)
+    assert abs(image(pipe) - image(reference)).max() < 1e-5
+
+
+def test_difflora_to_kohya_loads_in_plain_diffusers(pipe, tiny_model_dir, tmp_path):
+    state = mixed_adapter(pipe)
+    path = write_adapter(state, tmp_path / "kohya.safetensors", layout="kohya")
+    with safe_open(str(path), "pt") as handle:
+        header = handle.metadata()
+        assert all(key.startswith(("lora_unet_", "lora_te_")) for key in handle.keys())
+    assert header["ss_network_dim"] == "4" and header["ss_network_alpha"] == "8"
+    assert header["modelspec.architecture"] == "stable-diffusion-v1/lora"
+    again = read_adapter(path)
+    for key, module in state.modules.items():  # the round trip is lossless
+        assert torch.equal(again.modules[key].down, module.down) and torch.equal(again.modules[key].up, module.up)
+        assert again.modules[key].scale == pytest.approx(module.scale, rel=1e-7)
+
+    LoRARuntime.attach(pipe).add_adapter("ours", state)
+    plain = load_pipeline(tiny_model_dir, quiet=True)
+    plain.load_lora_weights(str(path))
+    assert abs(image(pipe) - image(plain)).max() <= ONE_LEVEL
