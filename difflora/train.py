@@ -15,6 +15,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import signal
 import sys
 from dataclasses import dataclass
@@ -113,6 +114,12 @@ def train(config: TrainConfig, progress=None) -> TrainingResult:
     # 2. Processes, precision, logging.
     from .models import resolve_device
 
+    if "WORLD_SIZE" not in os.environ:
+        # One process that trains more than once (the web UI, tests): accelerate keeps its state in a singleton that
+        # refuses a second run with another precision, so start each run from a clean state.
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
     accelerator = Accelerator(
         # accelerate sets up CPU data parallelism (gloo) under torchrun only when told the run is on the CPU.
         cpu=resolve_device("auto").type == "cpu",

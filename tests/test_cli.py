@@ -127,3 +127,31 @@ def test_init_model_writes_a_loadable_folder(tmp_path, capsys):
     assert main(["init-model", str(tmp_path / "tiny")]) == 0
     assert (tmp_path / "tiny" / "model_index.json").exists()
     assert main(["init-model", str(tmp_path / "tiny")]) == 2  # not over an existing model
+
+
+def test_convert_to_kohya_and_back(adapter_file, tmp_path, capsys):
+    kohya = tmp_path / "style-kohya.safetensors"
+    assert main(["convert", str(adapter_file), "--to", "kohya", "--out", str(kohya)]) == 0
+    capsys.readouterr()  # convert's own output
+    assert main(["inspect", "--json", str(kohya)]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["format"] == "kohya" and summary["alphas"] == [2.0] and summary["metadata"]["ss_network_dim"] == "4"
+    back = tmp_path / "back.safetensors"
+    assert main(["convert", str(kohya), "--to", "difflora", "--out", str(back)]) == 0
+    from difflora.formats import read_adapter
+
+    original, returned = read_adapter(adapter_file), read_adapter(back)
+    assert all(torch.equal(returned.modules[k].up, m.up) and returned.modules[k].alpha == m.alpha for k, m in original.modules.items())
+
+
+def test_convert_strict_refuses_what_it_cannot_carry(adapter_file, tmp_path, capsys):
+    from difflora.formats import read_adapter, to_kohya_state_dict
+
+    tensors = to_kohya_state_dict(read_adapter(adapter_file))
+    tensors["lora_unet_mid_block_resnets_0_conv1.lora_down.weight"] = torch.ones(4, 64, 3, 3)
+    save_file(tensors, str(tmp_path / "with-conv.safetensors"))
+    out = tmp_path / "out.safetensors"
+    assert main(["convert", str(tmp_path / "with-conv.safetensors"), "--to", "difflora", "--out", str(out), "--strict"]) == 2
+    assert "--strict" in capsys.readouterr().err and not out.exists()
+    assert main(["convert", str(tmp_path / "with-conv.safetensors"), "--to", "difflora", "--out", str(out)]) == 0
+    assert "not carried over (1 keys" in capsys.readouterr().err and out.exists()
