@@ -16,6 +16,7 @@ import json
 import platform
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -137,6 +138,7 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, default=3, help="runs per recipe (seeds seed, seed+1, ...); medians are printed")
     parser.add_argument("--dataset", default=str(SAMPLES / "pixel-sunsets"))
     parser.add_argument("--variant", choices=("difflora", "reference"), help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
@@ -149,19 +151,23 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="difflora-bench-train-"))
     split_dataset(Path(args.dataset), work)
-    results = {}
-    for variant in ("reference", "difflora"):
-        command = [sys.executable, __file__, "--variant", variant, "--work", str(work), "--steps", str(args.steps),
-                   "--batch-size", str(args.batch_size), "--rank", str(args.rank), "--lr", str(args.lr),
-                   "--seed", str(args.seed)]
-        finished = subprocess.run(command, capture_output=True, text=True, check=True)
-        line = next(line for line in finished.stdout.splitlines() if line.startswith("RESULT "))
-        results[variant] = json.loads(line.removeprefix("RESULT "))
+    runs: dict[str, list[dict]] = {"reference": [], "difflora": []}
+    for seed in range(args.seed, args.seed + args.seeds):  # interleaved, so machine drift hits both alike
+        for variant in runs:
+            command = [sys.executable, __file__, "--variant", variant, "--work", str(work), "--steps", str(args.steps),
+                       "--batch-size", str(args.batch_size), "--rank", str(args.rank), "--lr", str(args.lr),
+                       "--seed", str(seed)]
+            finished = subprocess.run(command, capture_output=True, text=True, check=True)
+            line = next(line for line in finished.stdout.splitlines() if line.startswith("RESULT "))
+            runs[variant].append(json.loads(line.removeprefix("RESULT ")))
     shutil.rmtree(work, ignore_errors=True)
 
-    reference, ours = results["reference"], results["difflora"]
+    def median_of(variant: str) -> dict:
+        return {key: statistics.median(run[key] for run in runs[variant]) for key in runs[variant][0]}
+
+    reference, ours = median_of("reference"), median_of("difflora")
     print(f"embedded tiny model, {Path(args.dataset).name}: {args.steps} steps, batch {args.batch_size}, rank {args.rank}, "
-          f"lr {args.lr}; {torch.get_num_threads()} threads, torch {torch.__version__}, {platform.machine()}")
+          f"lr {args.lr}, medians over {args.seeds} seeds; {torch.get_num_threads()} threads, torch {torch.__version__}, {platform.machine()}")
     print(f"{'':22s} {'s/step':>8s} {'peak MB':>8s} {'held-out loss':>14s}")
     for name, result in (("diffusers+PEFT (ref)", reference), ("difflora", ours)):
         print(f"{name:22s} {result['step_seconds']:8.4f} {result['peak_rss_mb']:8.0f} {result['held_out_loss']:14.4f}")

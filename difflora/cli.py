@@ -157,6 +157,50 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report_errors(errors: dict[str, float]) -> None:
+    if errors:
+        worst = max(errors, key=errors.get)
+        mean = sum(errors.values()) / len(errors)
+        print(f"relative error per module: mean {mean:.3e}, max {errors[worst]:.3e} ({worst})", file=sys.stderr)
+
+
+def _cmd_blend(args: argparse.Namespace) -> int:
+    from .blend import blend
+    from .formats import read_adapter, write_adapter
+
+    specs = [parse_lora_spec(text, option="blend") for text in args.adapters]
+    adapters = [(read_adapter(spec.path), spec.weight) for spec in specs]
+    result = blend(adapters, method=args.method, rank=args.rank, density=args.density)
+    sources = ", ".join(f"{spec.path.name}:{spec.weight:g}" for spec in specs)
+    write_adapter(result.state, args.out, {"difflora.blend_sources": sources}, layout=args.format)
+    _report_errors(result.relative_errors)
+    print(args.out)
+    return 0
+
+
+def _cmd_scale(args: argparse.Namespace) -> int:
+    from .blend import scale_adapter
+    from .blocks import BlockWeights
+    from .formats import read_adapter, write_adapter
+
+    block_weights = BlockWeights.parse(args.block_weights) if args.block_weights else None
+    state = scale_adapter(read_adapter(args.input), args.weight, block_weights)
+    write_adapter(state, args.out, layout=args.format)
+    print(args.out)
+    return 0
+
+
+def _cmd_resize(args: argparse.Namespace) -> int:
+    from .blend import resize_adapter
+    from .formats import read_adapter, write_adapter
+
+    result = resize_adapter(read_adapter(args.input), rank=args.rank, energy=args.energy)
+    write_adapter(result.state, args.out, layout=args.format)
+    _report_errors(result.relative_errors)
+    print(args.out)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -196,6 +240,33 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--out", required=True, help="output .safetensors")
     convert.add_argument("--strict", action="store_true", help="fail if any key of IN cannot be carried over")
     convert.set_defaults(run=_cmd_convert)
+
+    blend_parser = commands.add_parser("blend", help="blend adapters with weights into one")
+    blend_parser.add_argument("adapters", nargs="+", metavar="FILE[:WEIGHT]", help="adapters and weights (negative allowed)")
+    blend_parser.add_argument("--method", default="concat", choices=("concat", "svd", "ties", "dare"),
+                              help="concat: exact, rank = sum of ranks; svd: best rank-R approximation; ties/dare: PEFT's merges")
+    blend_parser.add_argument("--rank", type=int, default=None, help="rank of the result (svd, ties, dare)")
+    blend_parser.add_argument("--density", type=float, default=0.5, help="share of entries ties/dare keep")
+    blend_parser.add_argument("--format", default="difflora", choices=("difflora", "diffusers", "kohya"))
+    blend_parser.add_argument("--out", required=True)
+    blend_parser.set_defaults(run=_cmd_blend)
+
+    scale = commands.add_parser("scale", help="bake a weight (and block weights) into an adapter file")
+    scale.add_argument("input", metavar="IN")
+    scale.add_argument("--weight", type=float, default=1.0)
+    scale.add_argument("--block-weights", default=None, metavar="down=…,mid=…,up=…")
+    scale.add_argument("--format", default="difflora", choices=("difflora", "diffusers", "kohya"))
+    scale.add_argument("--out", required=True)
+    scale.set_defaults(run=_cmd_scale)
+
+    resize = commands.add_parser("resize", help="reduce an adapter's rank by SVD, reporting the error")
+    resize.add_argument("input", metavar="IN")
+    size = resize.add_mutually_exclusive_group(required=True)
+    size.add_argument("--rank", type=int, help="new rank")
+    size.add_argument("--energy", type=float, help="keep the least rank holding this share of the squared singular values")
+    resize.add_argument("--format", default="difflora", choices=("difflora", "diffusers", "kohya"))
+    resize.add_argument("--out", required=True)
+    resize.set_defaults(run=_cmd_resize)
 
     # Listed for --help only: main() hands "difflora train ..." to difflora.train before parsing.
     commands.add_parser("train", help="train a LoRA style adapter (difflora train --help lists its options)")

@@ -100,9 +100,12 @@ class LoRAFactors(nn.Module):
         """``scale · up @ down`` in fp32, shape (out_features, in_features)."""
         return (self.up.float() @ self.down.float()) * self.scale
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``scale · B A x`` for ``x`` of shape (..., in_features)."""
-        return (x @ self.down.to(x.dtype).t()) @ (self.up.to(x.dtype).t() * self.scale)
+    def forward(self, x: torch.Tensor, multiplier: float = 1.0) -> torch.Tensor:
+        """``multiplier · scale · B A x`` for ``x`` of shape (..., in_features).
+
+        The factor is applied to the rank-sized intermediate ``A x``, the smallest tensor on the way.
+        """
+        return ((x @ self.down.to(x.dtype).t()) * (self.scale * multiplier)) @ self.up.to(x.dtype).t()
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, alpha={self.alpha:g}"
@@ -208,7 +211,7 @@ class MultiLoRA(nn.Module):
             # Training: keep each adapter's own graph; the factors may be fp32 while x is fp16/bf16 under autocast.
             total = None
             for adapter in active:
-                term = adapter.factors(x) * adapter.multiplier
+                term = adapter.factors(x, adapter.multiplier)
                 total = term if total is None else total + term
             return total
         down_stack, up_stack = self._stacked(active, x.dtype, x.device)

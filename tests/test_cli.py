@@ -155,3 +155,19 @@ def test_convert_strict_refuses_what_it_cannot_carry(adapter_file, tmp_path, cap
     assert "--strict" in capsys.readouterr().err and not out.exists()
     assert main(["convert", str(tmp_path / "with-conv.safetensors"), "--to", "difflora", "--out", str(out)]) == 0
     assert "not carried over (1 keys" in capsys.readouterr().err and out.exists()
+
+
+def test_blend_scale_resize_commands(adapter_file, tmp_path, capsys):
+    from difflora.formats import read_adapter
+
+    blended = tmp_path / "blend.safetensors"
+    assert main(["blend", f"{adapter_file}:0.7", f"{adapter_file}:-0.3", "--method", "svd", "--rank", "2", "--out", str(blended)]) == 0
+    err = capsys.readouterr().err
+    assert "relative error per module" in err
+    assert read_adapter(blended).ranks() == [2]
+    assert main(["scale", str(adapter_file), "--weight", "0.5", "--block-weights", "up=0", "--out", str(tmp_path / "s.safetensors")]) == 0
+    assert main(["resize", str(adapter_file), "--energy", "0.9", "--format", "kohya", "--out", str(tmp_path / "r.safetensors")]) == 0
+    assert read_adapter(tmp_path / "r.safetensors").source_format == "kohya"
+    assert main(["blend", f"{adapter_file}:x", "--out", str(tmp_path / "bad.safetensors")]) == 2
+    assert main(["blend", str(adapter_file), "--method", "svd", "--out", str(tmp_path / "bad.safetensors")]) == 2
+    assert "needs --rank" in capsys.readouterr().err and not (tmp_path / "bad.safetensors").exists()

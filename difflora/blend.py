@@ -1,0 +1,181 @@
+"""Blending, scaling and resizing adapters, exactly where exactness is possible and optimally where it is not.
+
+Every adapter module is a low-rank product ``ΔW = s · B A``. A weighted blend ``Σ wᵢ ΔWᵢ`` is again such a product
+with the factors side by side: ``[w₁s₁B₁ … wₙsₙBₙ] · [A₁; …; Aₙ]``. So:
+
+* ``concat`` writes exactly that (rank = Σ rankᵢ). No cross terms, any ranks and alphas, modules present in only
+  some adapters (PEFT's "linear" combination multiplies factors and needs equal ranks; see peft #1155).
+* ``svd`` returns the best rank-``r`` approximation of the same sum (Eckart–Young), computed from the factors: QR of
+  the stacked ``B`` (out × R) and of the stacked ``Aᵀ`` (in × R), then an SVD of the small R × R core. The d × k
+  matrix is never formed, and each module's relative Frobenius error is reported.
+* ``ties`` and ``dare`` act on whole weight deltas (they prune and sign-elect entries), so they use
+  ``peft.utils.merge_utils`` on each module's ``ΔWᵢ`` and then take the best rank-``r`` factors of the result.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from .blocks import BlockWeights
+from .errors import InvalidArgumentError
+from .formats import AdapterState, LoRAModuleWeights
+
+__all__ = ["BLEND_METHODS", "BlendResult", "blend", "scale_adapter", "resize_adapter", "low_rank_approximation"]
+
+BLEND_METHODS = ("concat", "svd", "ties", "dare")
+
+
+@dataclass
+class BlendResult:
+    """The blended adapter and, per module, the relative error ``‖ΔW_exact − ΔW_result‖_F / ‖ΔW_exact‖_F``."""
+
+    state: AdapterState
+    relative_errors: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def max_relative_error(self) -> float:
+        return max(self.relative_errors.values(), default=0.0)
+
+
+def _weighted_factors(module: LoRAModuleWeights, weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(up, down) in fp32 with the weight and the scale folded into ``up``: ``ΔW·weight = up @ down``."""
+    return module.up.float() * (weight * module.scale), module.down.float()
+
+
+def _stacked(adapters: list[tuple[AdapterState, float]], module_key: str) -> tuple[torch.Tensor, torch.Tensor]:
+    ups, downs = [], []
+    for state, weight in adapters:
+        if module_key in state.modules:
+            up, down = _weighted_factors(state.modules[module_key], weight)
+            ups.append(up)
+            downs.append(down)
+    return torch.cat(ups, dim=1), torch.cat(downs, dim=0)
+
+
+def low_rank_approximation(up: torch.Tensor, down: torch.Tensor, rank: int | None = None, energy: float | None = None):
+    """Best factors of ``up @ down`` (out × R times R × in) at a lower rank, without forming the product.
+
+    ``rank`` keeps that many singular values; ``energy`` keeps the fewest whose squares hold at least that share of
+    the total. Returns ``(new_up, new_down, relative_error, singular_values)``; the error is the Frobenius norm of
+    the dropped singular values over that of all, which Eckart–Young shows is the least any factors of that rank
+    can have.
+    """
+    q_up, r_up = torch.linalg.qr(up.double(), mode="reduced")  # up = Q_u R_u
+    q_down, r_down = torch.linalg.qr(down.double().t(), mode="reduced")  # downᵀ = Q_d R_d
+    core = r_up @ r_down.t()  # up @ down = Q_u (R_u R_dᵀ) Q_dᵀ, and the core is small
+    left, singular, right_t = torch.linalg.svd(core, full_matrices=False)
+    if energy is not None:
+        if not 0.0 < energy <= 1.0:
+            raise InvalidArgumentError(f"--energy must be in (0, 1], got {energy}")
+        shares = torch.cumsum(singular**2, 0) / max(float((singular**2).sum()), 1e-300)
+        rank = int(torch.searchsorted(shares, torch.tensor(energy, dtype=shares.dtype) - 1e-12).item()) + 1
+    if rank is None or rank <= 0:
+        raise InvalidArgumentError(f"--rank must be a positive integer, got {rank}")
+    rank = min(rank, singular.numel())
+    total = float(singular.norm())
+    error = float(singular[rank:].norm()) / total if total > 0 else 0.0
+    new_up = (q_up @ left[:, :rank]) * singular[:rank]
+    new_down = (q_down @ right_t[:rank].t()).t()
+    return new_up.float(), new_down.float(), error, singular
+
+
+def _check_weights(adapters: list[tuple[AdapterState, float]]) -> None:
+    if not adapters:
+        raise InvalidArgumentError("blend needs at least one adapter")
+    for _, weight in adapters:
+        if not math.isfinite(weight):
+            raise InvalidArgumentError(f"blend weight {weight!r} is not a finite number")
+
+
+def _check_shapes(adapters: list[tuple[AdapterState, float]], module_key: str) -> None:
+    shapes = {(tuple(s.modules[module_key].up.shape[:1]), tuple(s.modules[module_key].down.shape[1:]))
+              for s, _ in adapters if module_key in s.modules}
+    if len(shapes) > 1:
+        raise InvalidArgumentError(f"adapters disagree on the shape of {module_key!r}: {sorted(shapes)} (other base models?)")
+
+
+def blend(
+    adapters: list[tuple[AdapterState, float]],
+    method: str = "concat",
+    rank: int | None = None,
+    density: float = 0.5,
+) -> BlendResult:
+    """``Σ weight · adapter`` as one adapter (see the module docstring for the methods).
+
+    ``rank`` is required by ``svd``, ``ties`` and ``dare`` (the result's rank); ``density`` is the share of entries
+    ``ties``/``dare`` keep. The result has scale 1 (``alpha = rank``) on every module.
+    """
+    _check_weights(adapters)
+    if method not in BLEND_METHODS:
+        raise InvalidArgumentError(f"--method {method!r} is not one of {', '.join(BLEND_METHODS)}")
+    if method != "concat" and (rank is None or rank <= 0):
+        raise InvalidArgumentError(f"--method {method} needs --rank (a positive integer)")
+    if method in ("ties", "dare") and not 0.0 < density <= 1.0:
+        raise InvalidArgumentError(f"--density must be in (0, 1], got {density}")
+    module_keys = sorted({key for state, _ in adapters for key in state.modules})
+    modules, errors = {}, {}
+    for module_key in module_keys:
+        _check_shapes(adapters, module_key)
+        if method in ("concat", "svd"):
+            up, down = _stacked(adapters, module_key)
+            if method == "svd":
+                up, down, errors[module_key], _ = low_rank_approximation(up, down, rank=rank)
+            else:
+                errors[module_key] = 0.0
+        else:
+            up, down, errors[module_key] = _merge_full(adapters, module_key, method, rank, density)
+        modules[module_key] = LoRAModuleWeights(down=down.contiguous(), up=up.contiguous(), alpha=float(down.shape[0]))
+    metadata = {"difflora.blend": f"{method}" + (f", rank {rank}" if rank else "")}
+    return BlendResult(AdapterState(modules=modules, metadata=metadata, source_format="difflora"), errors)
+
+
+def _merge_full(adapters, module_key: str, method: str, rank: int, density: float):
+    """TIES/DARE via PEFT on full deltas, then the best rank-``rank`` factors; error is against the merged delta."""
+    from peft.utils import merge_utils
+
+    deltas, weights = [], []
+    for state, weight in adapters:
+        if module_key in state.modules:
+            up, down = _weighted_factors(state.modules[module_key], 1.0)
+            deltas.append(up @ down)
+            weights.append(weight)
+    weight_tensor = torch.tensor(weights, dtype=torch.float32)
+    if method == "ties":
+        merged = merge_utils.ties(deltas, weight_tensor, density)
+    else:
+        merged = merge_utils.dare_linear(deltas, weight_tensor, density)
+    left, singular, right_t = torch.linalg.svd(merged.double(), full_matrices=False)
+    rank = min(rank, singular.numel())
+    total = float(singular.norm())
+    error = float(singular[rank:].norm()) / total if total > 0 else 0.0
+    return (left[:, :rank] * singular[:rank]).float(), right_t[:rank].float(), error
+
+
+def scale_adapter(state: AdapterState, weight: float = 1.0, block_weights: BlockWeights | None = None) -> AdapterState:
+    """The adapter with every module's ``up`` multiplied by ``weight`` × its block weight: a file that behaves at
+    weight 1 as the original did at that weight."""
+    if not math.isfinite(weight):
+        raise InvalidArgumentError(f"--weight {weight!r} is not a finite number")
+    block_weights = block_weights or BlockWeights()
+    modules = {}
+    for module_key, module in state.modules.items():
+        component, _, path = module_key.partition(".")
+        factor = weight * block_weights.factor(component, path)
+        modules[module_key] = LoRAModuleWeights(module.down.clone(), module.up * factor, module.alpha, module.use_rslora)
+    return AdapterState(modules=modules, metadata=dict(state.metadata), source_format=state.source_format)
+
+
+def resize_adapter(state: AdapterState, rank: int | None = None, energy: float | None = None) -> BlendResult:
+    """Each module at rank ``rank`` (or the least rank holding ``energy`` of its squared singular values), the
+    optimal factors of that rank, with each module's relative error. Modules already small enough are kept exactly."""
+    if (rank is None) == (energy is None):
+        raise InvalidArgumentError("resize needs exactly one of --rank or --energy")
+    modules, errors = {}, {}
+    for module_key, module in state.modules.items():
+        up, down = _weighted_factors(module, 1.0)
+        new_up, new_down, errors[module_key], _ = low_rank_approximation(up, down, rank=rank, energy=energy)
+        modules[module_key] = LoRAModuleWeights(new_down.contiguous(), new_up.contiguous(), alpha=float(new_down.shape[0]))
+    return BlendResult(AdapterState(modules=modules, metadata=dict(state.metadata), source_format="difflora"), errors)

@@ -1,0 +1,146 @@
+"""Blending, scaling and resizing adapters: exact where the maths allows, optimal where it does not."""
+
+import pytest
+import torch
+from peft.utils import merge_utils
+
+from difflora import BlockWeights, LoRARuntime
+from difflora.blend import blend, low_rank_approximation, resize_adapter, scale_adapter
+from difflora.errors import InvalidArgumentError
+from difflora.formats import AdapterState, LoRAModuleWeights, write_adapter
+from difflora.generate import GenerationSettings, generate
+from difflora.models import load_pipeline
+
+SETTINGS = GenerationSettings(prompt="a watercolor of a harbour", steps=3, guidance=5.0, seed=2, width=64, height=64)
+
+
+def image(pipe):
+    return generate(pipe, SETTINGS, output_type="np")[0]
+
+
+def random_state(pipe, rank, alpha, seed, components=("unet", "text_encoder")) -> AdapterState:
+    runtime = LoRARuntime(pipe)
+    runtime.create_adapter("scratch", rank=rank, alpha=alpha, components=components, init="random", seed=seed)
+    state = runtime.adapter_state("scratch")
+    runtime.remove_all()
+    return state
+
+
+def delta(module: LoRAModuleWeights) -> torch.Tensor:
+    return module.scale * (module.up.double() @ module.down.double())
+
+
+@pytest.fixture
+def pipe(tiny_model_dir):
+    return load_pipeline(tiny_model_dir, quiet=True)
+
+
+def test_concat_equals_diffusers_set_adapters(pipe, tiny_model_dir, tmp_path):
+    a = random_state(pipe, rank=4, alpha=8, seed=1)
+    b = random_state(pipe, rank=2, alpha=1, seed=2)
+    result = blend([(a, 0.7), (b, -0.3)], method="concat")
+    assert result.max_relative_error == 0.0
+    some_key = next(iter(result.state.modules))
+    assert result.state.modules[some_key].rank == 6  # exact: the ranks add up
+
+    ours = load_pipeline(tiny_model_dir, quiet=True)
+    LoRARuntime.attach(ours).add_adapter("blend", result.state)
+    plain = load_pipeline(tiny_model_dir, quiet=True)
+    plain.load_lora_weights(str(write_adapter(a, tmp_path / "a.safetensors")), adapter_name="a")
+    plain.load_lora_weights(str(write_adapter(b, tmp_path / "b.safetensors")), adapter_name="b")
+    plain.set_adapters(["a", "b"], [0.7, -0.3])
+    assert abs(image(ours) - image(plain)).max() <= 1 / 255
+    assert abs(image(ours) - image(load_pipeline(tiny_model_dir, quiet=True))).max() > 10 / 255
+
+
+def test_concat_handles_modules_only_some_adapters_have(pipe):
+    a = random_state(pipe, rank=4, alpha=4, seed=3, components=("unet",))
+    b = random_state(pipe, rank=2, alpha=2, seed=4, components=("text_encoder",))
+    result = blend([(a, 1.0), (b, 0.5)], method="concat")
+    assert set(result.state.modules) == set(a.modules) | set(b.modules)
+    key = next(k for k in b.modules)
+    torch.testing.assert_close(delta(result.state.modules[key]), 0.5 * delta(b.modules[key]))
+
+
+def test_svd_at_full_rank_is_exact_and_lower_rank_is_optimal(pipe):
+    a = random_state(pipe, rank=4, alpha=8, seed=5, components=("unet",))
+    b = random_state(pipe, rank=3, alpha=2, seed=6, components=("unet",))
+    exact = {key: 0.7 * delta(a.modules[key]) - 0.3 * delta(b.modules[key]) for key in a.modules}
+
+    full = blend([(a, 0.7), (b, -0.3)], method="svd", rank=7)
+    for key, module in full.state.modules.items():
+        torch.testing.assert_close(delta(module), exact[key], rtol=0, atol=1e-5)
+    assert full.max_relative_error < 1e-6
+
+    low = blend([(a, 0.7), (b, -0.3)], method="svd", rank=3)
+    for key, module in low.state.modules.items():
+        singular = torch.linalg.svdvals(exact[key])
+        optimum = float(singular[3:].norm() / singular.norm())
+        achieved = float((delta(module) - exact[key]).norm() / exact[key].norm())
+        assert module.rank == 3
+        assert achieved == pytest.approx(optimum, rel=1e-4, abs=1e-7)
+        assert low.relative_errors[key] == pytest.approx(optimum, rel=1e-4, abs=1e-7)
+
+
+def test_low_rank_approximation_never_forms_the_full_matrix_but_agrees_with_it():
+    generator = torch.Generator().manual_seed(0)
+    up, down = torch.randn(300, 12, generator=generator), torch.randn(12, 200, generator=generator)
+    new_up, new_down, error, singular = low_rank_approximation(up, down, rank=5)
+    full = torch.linalg.svdvals(up.double() @ down.double())  # 200 values, of which only 12 can be non-zero
+    torch.testing.assert_close(singular, full[:12], rtol=1e-6, atol=1e-6)
+    assert full[12:].max() < 1e-9 * full[0]
+    assert new_up.shape == (300, 5) and new_down.shape == (5, 200)
+    kept_up, _, kept_error, _ = low_rank_approximation(up, down, energy=0.9)
+    assert kept_error <= (1 - 0.9) ** 0.5 + 1e-9  # the dropped squares hold at most 10% of the energy
+    assert kept_up.shape[1] < 12
+    with pytest.raises(InvalidArgumentError, match="--energy"):
+        low_rank_approximation(up, down, energy=1.5)
+
+
+@pytest.mark.parametrize("method, peft_merge", [("ties", merge_utils.ties), ("dare", merge_utils.dare_linear)])
+def test_ties_and_dare_use_peft_on_whole_deltas(pipe, method, peft_merge):
+    a = random_state(pipe, rank=4, alpha=4, seed=7, components=("text_encoder",))
+    b = random_state(pipe, rank=4, alpha=8, seed=8, components=("text_encoder",))
+    torch.manual_seed(0)
+    result = blend([(a, 0.6), (b, 0.4)], method=method, rank=32, density=0.5)  # full rank: no truncation error
+    torch.manual_seed(0)
+    for key, module in sorted(result.state.modules.items()):
+        expected = peft_merge([delta(a.modules[key]).float(), delta(b.modules[key]).float()], torch.tensor([0.6, 0.4]), 0.5)
+        torch.testing.assert_close(delta(module).float(), expected, rtol=0, atol=1e-5)
+
+
+def test_scale_and_block_weights(pipe, tiny_model_dir):
+    state = random_state(pipe, rank=4, alpha=8, seed=9)
+    scaled = scale_adapter(state, weight=0.5, block_weights=BlockWeights(up=0.0))
+    ours = load_pipeline(tiny_model_dir, quiet=True)
+    LoRARuntime.attach(ours).add_adapter("scaled", scaled)
+    runtime_weighted = load_pipeline(tiny_model_dir, quiet=True)
+    LoRARuntime.attach(runtime_weighted).add_adapter("orig", state, weight=0.5, block_weights=BlockWeights(up=0.0))
+    assert abs(image(ours) - image(runtime_weighted)).max() < 1e-5
+
+
+def test_resize_reports_the_optimal_error(pipe):
+    state = random_state(pipe, rank=8, alpha=8, seed=10, components=("unet",))
+    smaller = resize_adapter(state, rank=3)
+    for key, module in smaller.state.modules.items():
+        singular = torch.linalg.svdvals(delta(state.modules[key]))
+        assert module.rank == 3
+        assert smaller.relative_errors[key] == pytest.approx(float(singular[3:].norm() / singular.norm()), rel=1e-4)
+    kept = resize_adapter(state, energy=0.999999)
+    assert all(module.rank == 8 for module in kept.state.modules.values())
+    with pytest.raises(InvalidArgumentError, match="exactly one"):
+        resize_adapter(state)
+
+
+def test_bad_blends_are_refused(pipe):
+    a = random_state(pipe, rank=2, alpha=2, seed=11, components=("unet",))
+    with pytest.raises(InvalidArgumentError, match="--method"):
+        blend([(a, 1.0)], method="average")
+    with pytest.raises(InvalidArgumentError, match="needs --rank"):
+        blend([(a, 1.0)], method="svd")
+    with pytest.raises(InvalidArgumentError, match="finite"):
+        blend([(a, float("nan"))])
+    key = next(iter(a.modules))
+    other = AdapterState(modules={key: LoRAModuleWeights(torch.ones(2, 7), torch.ones(5, 2), 2.0)})
+    with pytest.raises(InvalidArgumentError, match="disagree on the shape"):
+        blend([(a, 1.0), (other, 1.0)])
