@@ -150,7 +150,12 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         raise InvalidArgumentError(
             f"--strict: {args.input} holds {len(state.skipped)} keys difflora cannot carry (first: {state.skipped[0]})"
         )
-    write_adapter(state, args.out, layout=args.to)
+    if args.to == "peft":
+        from .formats import write_peft_folder
+
+        write_peft_folder(state, args.out)
+    else:
+        write_adapter(state, args.out, layout=args.to)
     if state.skipped:
         print(f"not carried over ({len(state.skipped)} keys difflora cannot apply): {', '.join(state.skipped[:10])}", file=sys.stderr)
     print(args.out)
@@ -201,6 +206,41 @@ def _cmd_resize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_merge(args: argparse.Namespace) -> int:
+    import os
+    import shutil
+    import tempfile
+
+    from .formats import read_adapter
+    from .models import load_pipeline, resolve_device, resolve_dtype
+    from .runtime import LoRARuntime
+
+    output = Path(args.out)
+    if output.exists() and (not output.is_dir() or any(output.iterdir())):
+        raise InvalidArgumentError(f"--out {output}: exists; give a new folder for the merged model")
+    specs = [parse_lora_spec(text) for text in args.lora]
+    if not specs:
+        raise InvalidArgumentError("merge needs at least one --lora FILE[:WEIGHT]")
+    states = [(spec, read_adapter(spec.path)) for spec in specs]
+    device = resolve_device(args.device)
+    pipe = load_pipeline(args.model, device=device, dtype=resolve_dtype(args.dtype, device), model_config=args.model_config, quiet=True)
+    runtime = LoRARuntime.attach(pipe)
+    for index, (spec, state) in enumerate(states):
+        runtime.add_adapter(f"lora{index}", state, spec.weight, source=str(spec.path))
+    runtime.bake()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    try:
+        pipe.save_pretrained(staging, safe_serialization=True)
+        if output.exists():
+            output.rmdir()
+        os.replace(staging, output)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    print(output)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -235,9 +275,10 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.set_defaults(run=_cmd_inspect)
 
     convert = commands.add_parser("convert", help="rewrite an adapter file in another format")
-    convert.add_argument("input", metavar="IN", help="adapter file (any format difflora reads)")
-    convert.add_argument("--to", required=True, choices=("difflora", "diffusers", "kohya"), help="output format")
-    convert.add_argument("--out", required=True, help="output .safetensors")
+    convert.add_argument("input", metavar="IN", help="adapter file or folder (any format difflora reads)")
+    convert.add_argument("--to", required=True, choices=("difflora", "diffusers", "kohya", "peft"),
+                         help="output format (peft: a folder with one PEFT adapter folder per component)")
+    convert.add_argument("--out", required=True, help="output .safetensors (a new folder for --to peft)")
     convert.add_argument("--strict", action="store_true", help="fail if any key of IN cannot be carried over")
     convert.set_defaults(run=_cmd_convert)
 
@@ -267,6 +308,12 @@ def build_parser() -> argparse.ArgumentParser:
     resize.add_argument("--format", default="difflora", choices=("difflora", "diffusers", "kohya"))
     resize.add_argument("--out", required=True)
     resize.set_defaults(run=_cmd_resize)
+
+    merge = commands.add_parser("merge", help="bake adapters into a model and write a full diffusers folder")
+    _add_model_options(merge)
+    merge.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]", help="adapter and weight (repeatable)")
+    merge.add_argument("--out", required=True, help="new folder for the merged diffusers model (safetensors)")
+    merge.set_defaults(run=_cmd_merge)
 
     # Listed for --help only: main() hands "difflora train ..." to difflora.train before parsing.
     commands.add_parser("train", help="train a LoRA style adapter (difflora train --help lists its options)")

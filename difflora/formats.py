@@ -48,6 +48,7 @@ __all__ = [
     "to_kohya_state_dict",
     "kohya_metadata",
     "WRITE_LAYOUTS",
+    "write_peft_folder",
     "COMPONENTS",
     "PICKLE_SUFFIXES",
 ]
@@ -172,8 +173,12 @@ def _diffusers_alpha(config: dict, path: str, rank: int) -> tuple[float, bool] |
     alpha_pattern = config.get("alpha_pattern") or {}
     alpha = config.get("lora_alpha")
     if alpha_pattern:
-        pattern = get_pattern_key(list(alpha_pattern), path)
-        alpha = alpha_pattern.get(pattern, alpha)
+        # Text-encoder patterns written with transformers 4 carry the `text_model.` prefix our paths drop.
+        for candidate in (path, f"text_model.{path}"):
+            pattern = get_pattern_key(list(alpha_pattern), candidate)
+            if pattern in alpha_pattern:
+                alpha = alpha_pattern[pattern]
+                break
     if alpha is None:
         alpha = rank
     return float(alpha), bool(config.get("use_rslora", False))
@@ -352,18 +357,73 @@ def kohya_metadata(state: AdapterState, title: str = "difflora adapter") -> dict
     }
 
 
-def _resolve_file(path: Path) -> Path:
-    if path.is_dir():
-        # diffusers' training scripts write a folder with this file in it.
-        for name in ("pytorch_lora_weights.safetensors",):
-            if (path / name).is_file():
-                return path / name
-        raise AdapterFileError(f"{path}: folder holds no pytorch_lora_weights.safetensors")
-    return path
+# ----- files and folders -------------------------------------------------------------------------------------------
+
+PEFT_CONFIG_FILE = "adapter_config.json"
+PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
+DIFFUSERS_WEIGHTS_FILE = "pytorch_lora_weights.safetensors"
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            header = handle.metadata() or {}
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    except Exception as error:  # safetensors raises its own error types and OSError for truncated/corrupt files
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise AdapterFileError(f"{path}: not a readable safetensors file ({reason})") from None
+    return tensors, header
+
+
+def _guess_component(tensors: dict[str, torch.Tensor]) -> str:
+    keys = " ".join(tensors)
+    return "unet" if ("down_blocks." in keys or "mid_block." in keys or "up_blocks." in keys) else "text_encoder"
+
+
+def _read_peft_folder(folder: Path, component: str | None = None) -> AdapterState:
+    """A PEFT adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``), honouring its
+    ``rank_pattern``, ``alpha_pattern`` and ``use_rslora``."""
+    config_path = folder / PEFT_CONFIG_FILE
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise AdapterFileError(f"{config_path}: not a readable PEFT config ({str(error).splitlines()[0]})") from None
+    if str(config.get("peft_type", "LORA")).upper() != "LORA":
+        raise AdapterFileError(f"{config_path}: peft_type {config.get('peft_type')!r} is not LORA")
+    weights_path = folder / PEFT_WEIGHTS_FILE
+    if not weights_path.is_file():
+        raise AdapterFileError(f"{folder}: PEFT folder has no {PEFT_WEIGHTS_FILE}")
+    tensors, header = _read_safetensors(weights_path)
+    component = component or _guess_component(tensors)
+    prefixed = {f"{component}.{key.removeprefix('base_model.model.')}": value for key, value in tensors.items()}
+    header[DIFFUSERS_METADATA_KEY] = json.dumps({f"{component}.{option}": value for option, value in config.items()})
+    state = parse_state_dict(prefixed, header, source=str(folder))
+    state.source_format = "peft"
+    state.metadata.pop(DIFFUSERS_METADATA_KEY, None)
+    return state
+
+
+def _read_folder(folder: Path) -> AdapterState:
+    if (folder / PEFT_CONFIG_FILE).is_file():
+        return _read_peft_folder(folder)
+    parts = [component for component in COMPONENTS if (folder / component / PEFT_CONFIG_FILE).is_file()]
+    if parts:  # difflora's PEFT export: one PEFT folder per pipeline component
+        states = [_read_peft_folder(folder / component, component) for component in parts]
+        merged = AdapterState(modules={}, source_format="peft")
+        for state in states:
+            merged.modules.update(state.modules)
+            merged.metadata.update(state.metadata)
+            merged.skipped += state.skipped
+        return merged
+    if (folder / DIFFUSERS_WEIGHTS_FILE).is_file():  # what diffusers' training scripts write
+        tensors, header = _read_safetensors(folder / DIFFUSERS_WEIGHTS_FILE)
+        return parse_state_dict(tensors, header, source=str(folder / DIFFUSERS_WEIGHTS_FILE))
+    raise AdapterFileError(f"{folder}: folder holds no {DIFFUSERS_WEIGHTS_FILE}, {PEFT_CONFIG_FILE} or per-component PEFT folders")
 
 
 def read_adapter(path: str | os.PathLike) -> AdapterState:
-    """Read a LoRA ``.safetensors`` file (or a diffusers LoRA output folder) into an :class:`AdapterState`.
+    """Read an adapter: a LoRA ``.safetensors`` file in any layout difflora reads, a PEFT adapter folder, difflora's
+    per-component PEFT export, or a diffusers LoRA output folder.
 
     Raises:
         AdapterFileError: missing file, a pickle file (refused: safetensors only), a truncated or corrupt file, or keys
@@ -374,14 +434,9 @@ def read_adapter(path: str | os.PathLike) -> AdapterState:
         raise AdapterFileError(f"{path}: pickle files ({path.suffix}) are refused, safetensors only; convert it to .safetensors")
     if not path.exists():
         raise AdapterFileError(f"{path}: no such file")
-    path = _resolve_file(path)
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as handle:
-            header = handle.metadata() or {}
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-    except Exception as error:  # safetensors raises its own error types and OSError for truncated/corrupt files
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise AdapterFileError(f"{path}: not a readable safetensors file ({reason})") from None
+    if path.is_dir():
+        return _read_folder(path)
+    tensors, header = _read_safetensors(path)
     return parse_state_dict(tensors, header, source=str(path))
 
 
@@ -488,6 +543,48 @@ def write_adapter(
     with atomic_path(path) as temporary:
         save_file(tensors, str(temporary), metadata=header)
     return path
+
+
+def write_peft_folder(state: AdapterState, folder: str | os.PathLike) -> Path:
+    """Write ``state`` as one PEFT adapter folder per component (``FOLDER/unet``, ``FOLDER/text_encoder``), each with
+    ``adapter_config.json`` (rank, alpha, rank/alpha patterns, exact target modules) and
+    ``adapter_model.safetensors``, loadable with ``peft.PeftModel.from_pretrained(pipe.unet, FOLDER / "unet")``.
+
+    The folder is built beside ``folder`` and renamed into place, so a failure leaves nothing behind.
+    """
+    import shutil
+    import tempfile
+
+    from . import __version__
+
+    folder = Path(folder)
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        raise AdapterFileError(f"{folder}: exists; give a new folder for the PEFT output")
+    if not state.modules:
+        raise AdapterFileError(f"{folder}: the adapter has no modules; nothing to write")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        flat = diffusers_lora_metadata(state)
+        for component in sorted({key.split(".", 1)[0] for key in state.modules}):
+            config = {option.split(".", 1)[1]: value for option, value in flat.items() if option.startswith(component + ".")}
+            config.update({"peft_type": "LORA", "task_type": None, "base_model_name_or_path": state.metadata.get("difflora.base_model"),
+                           "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False, "inference_mode": True})
+            tensors = {}
+            for module_key, weights in state.modules.items():
+                if module_key.startswith(component + "."):
+                    path = module_key.split(".", 1)[1]
+                    tensors[f"base_model.model.{path}.lora_A.weight"] = weights.down.detach().contiguous()
+                    tensors[f"base_model.model.{path}.lora_B.weight"] = weights.up.detach().contiguous()
+            (staging / component).mkdir()
+            (staging / component / PEFT_CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))
+            save_file(tensors, str(staging / component / PEFT_WEIGHTS_FILE), metadata={"format": "pt", "difflora.version": __version__})
+        if folder.exists():
+            folder.rmdir()  # empty, checked above
+        os.replace(staging, folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return folder
 
 
 def describe_adapter(state: AdapterState) -> dict:

@@ -376,6 +376,23 @@ class LoRARuntime:
             processor.unfuse(self._sites[site_key][1])
         self._fused = False
 
+    def bake(self) -> None:
+        """Make the current mix part of the model for good: fuse, then drop the adapters and the kept originals.
+
+        The pipeline is then a plain diffusers pipeline with changed weights (its own attention processors back),
+        ready for ``save_pretrained``. Unlike :meth:`fuse`, this cannot be undone.
+        """
+        self.fuse()
+        for processor in self._processors.values():
+            for branch in processor.branches.values():
+                branch.fused = False
+                if "original_weight" in branch._buffers:
+                    del branch.original_weight
+        self._fused = False
+        for name in list(self._adapters):
+            self._remove_factors(name)
+        self._uninstall()
+
     # ----- reading adapters back ----------------------------------------------------------------------------------
     def parameters(self, name: str) -> list[nn.Parameter]:
         """The trainable tensors of adapter ``name`` (every ``down`` and ``up``), in a fixed order."""

@@ -171,3 +171,20 @@ def test_blend_scale_resize_commands(adapter_file, tmp_path, capsys):
     assert main(["blend", f"{adapter_file}:x", "--out", str(tmp_path / "bad.safetensors")]) == 2
     assert main(["blend", str(adapter_file), "--method", "svd", "--out", str(tmp_path / "bad.safetensors")]) == 2
     assert "needs --rank" in capsys.readouterr().err and not (tmp_path / "bad.safetensors").exists()
+
+
+def test_merge_writes_a_diffusers_folder_with_the_adapters_baked_in(tiny_model_dir, adapter_file, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    from difflora.generate import GenerationSettings, generate
+
+    out = tmp_path / "merged"
+    assert main(["merge", "--model", str(tiny_model_dir), "--lora", f"{adapter_file}:0.7", "--lora", f"{adapter_file}:-0.2", "--out", str(out)]) == 0
+    merged = StableDiffusionPipeline.from_pretrained(out)
+    merged.set_progress_bar_config(disable=True)
+    assert not any("difflora" in key or "lora" in key for key in merged.unet.state_dict())
+    settings = GenerationSettings("a castle", steps=3, seed=4, width=64, height=64)
+    pipe = load_pipeline(tiny_model_dir, quiet=True)
+    LoRARuntime.attach(pipe).load(adapter_file, weight=0.5)  # 0.7 − 0.2 of the same adapter
+    assert abs(generate(merged, settings, output_type="np")[0] - generate(pipe, settings, output_type="np")[0]).max() < 1e-5
+    assert main(["merge", "--model", str(tiny_model_dir), "--lora", str(adapter_file), "--out", str(out)]) == 2  # not over a model

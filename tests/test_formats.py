@@ -268,3 +268,34 @@ def test_difflora_to_kohya_loads_in_plain_diffusers(pipe, tiny_model_dir, tmp_pa
     plain = load_pipeline(tiny_model_dir, quiet=True)
     plain.load_lora_weights(str(path))
     assert abs(image(pipe) - image(plain)).max() <= ONE_LEVEL
+
+
+def test_peft_folder_round_trip_and_peft_loads_it(pipe, tiny_model_dir, tmp_path):
+    from peft import PeftModel
+
+    from difflora.formats import write_peft_folder
+
+    state = mixed_adapter(pipe)  # rank and alpha patterns must survive
+    folder = write_peft_folder(state, tmp_path / "peft")
+    assert sorted(p.name for p in folder.iterdir()) == ["text_encoder", "unet"]
+    again = read_adapter(folder)
+    assert again.source_format == "peft" and set(again.modules) == set(state.modules)
+    for key, module in state.modules.items():
+        assert torch.equal(again.modules[key].down, module.down) and torch.equal(again.modules[key].up, module.up)
+        assert again.modules[key].scale == module.scale
+    assert read_adapter(folder / "unet").modules_per_component() == {"unet": 56}  # one component folder alone
+
+    # peft.PeftModel itself loads each component folder and computes what difflora computes.
+    ours = load_pipeline(tiny_model_dir, quiet=True)
+    LoRARuntime.attach(ours).add_adapter("a", state)
+    reference = load_pipeline(tiny_model_dir, quiet=True)
+    unet = PeftModel.from_pretrained(reference.unet, str(folder / "unet"))
+    text_encoder = PeftModel.from_pretrained(reference.text_encoder, str(folder / "text_encoder"))
+    ids = ours.tokenizer(["a harbour at night"], padding="max_length", return_tensors="pt").input_ids
+    latents = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours_context = ours.text_encoder(ids)[0]
+        torch.testing.assert_close(text_encoder(input_ids=ids)[0], ours_context, rtol=0, atol=1e-5)
+        torch.testing.assert_close(unet(latents, 10, ours_context).sample, ours.unet(latents, 10, ours_context).sample, rtol=0, atol=1e-5)
+    with pytest.raises(AdapterFileError, match="exists"):
+        write_peft_folder(state, folder)
