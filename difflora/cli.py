@@ -103,7 +103,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         name = spec.path.stem.replace(".", "_") or f"lora{index}"
         if name in runtime.adapters:
             name = f"{name}_{index}"
-        runtime.add_adapter(name, state, spec.weight, block_weights, source=str(spec.path))
+        runtime.add_adapter(name, state, spec.weight, block_weights, source=str(spec.path), strict=args.strict)
         uses.append(AdapterUse(name, spec.weight, str(spec.path), str(block_weights) if block_weights else None))
     if args.fuse and uses:
         runtime.fuse()
@@ -266,6 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--height", type=int, default=None, help="default: the model's native size")
     gen.add_argument("--num-images", type=int, default=1)
     gen.add_argument("--fuse", action="store_true", help="fuse the adapters into the weights before generating")
+    gen.add_argument("--strict", action="store_true", help="refuse adapters holding keys difflora cannot apply (else they are listed)")
     gen.add_argument("--out", required=True, help="output PNG (several images get -0, -1, … suffixes)")
     gen.set_defaults(run=_cmd_generate)
 

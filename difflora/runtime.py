@@ -17,6 +17,7 @@ before anything changes, so a failed load leaves the pipeline as it was.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
@@ -26,7 +27,7 @@ import torch
 from torch import nn
 
 from .blocks import BlockWeights
-from .errors import AdapterShapeError, InvalidArgumentError
+from .errors import AdapterFileError, AdapterShapeError, InvalidArgumentError
 from .formats import AdapterState, LoRAModuleWeights, read_adapter, split_module_key, write_adapter
 from .lora import LoRAFactors
 from .processors import (
@@ -40,6 +41,8 @@ from .processors import (
 )
 
 __all__ = ["LoRARuntime", "AdapterInfo"]
+
+logger = logging.getLogger("difflora")
 
 _TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 _HOST_ATTRIBUTE = "difflora_lora"  # where a CLIP attention block keeps its LoRA processor
@@ -206,16 +209,27 @@ class LoRARuntime:
         *,
         source: str | None = None,
         replace_existing: bool = False,
+        strict: bool = False,
     ) -> AdapterInfo:
         """Add ``state`` under ``name`` with ``weight`` (any float, negative included) and optional block weights.
+
+        Keys of the file that difflora cannot apply (``state.skipped``) are logged by name and count, or with
+        ``strict`` refused.
 
         Raises:
             InvalidArgumentError: bad name or weight.
             AdapterShapeError: a module of the adapter is not in this model or its shapes differ; nothing changed.
+            AdapterFileError: ``strict`` and the file holds keys difflora cannot apply.
         """
         self._check_name(name, replace_existing)
+        where = source or name
+        if state.skipped:
+            listed = ", ".join(state.skipped[:5]) + (", ..." if len(state.skipped) > 5 else "")
+            if strict:
+                raise AdapterFileError(f"{where}: {len(state.skipped)} keys difflora cannot apply (strict): {listed}")
+            logger.warning("%s: %d keys difflora cannot apply were not loaded: %s", where, len(state.skipped), listed)
         weight = _as_weight(weight, f"weight of {name!r}")
-        placement = self._check_fits(state, source or name)
+        placement = self._check_fits(state, where)
         with self._changing():
             if name in self._adapters:
                 self._remove_factors(name)
@@ -254,11 +268,13 @@ class LoRARuntime:
         name: str | None = None,
         weight: float = 1.0,
         block_weights: BlockWeights | None = None,
+        *,
+        strict: bool = False,
     ) -> AdapterInfo:
         """Read an adapter file and add it; ``name`` defaults to the file's stem."""
         path = Path(path)
         state = read_adapter(path)
-        return self.add_adapter(name or _name_from_path(path), state, weight, block_weights, source=str(path))
+        return self.add_adapter(name or _name_from_path(path), state, weight, block_weights, source=str(path), strict=strict)
 
     def create_adapter(
         self,

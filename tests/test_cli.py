@@ -188,3 +188,18 @@ def test_merge_writes_a_diffusers_folder_with_the_adapters_baked_in(tiny_model_d
     LoRARuntime.attach(pipe).load(adapter_file, weight=0.5)  # 0.7 − 0.2 of the same adapter
     assert abs(generate(merged, settings, output_type="np")[0] - generate(pipe, settings, output_type="np")[0]).max() < 1e-5
     assert main(["merge", "--model", str(tiny_model_dir), "--lora", str(adapter_file), "--out", str(out)]) == 2  # not over a model
+
+
+def test_generate_lists_or_refuses_keys_it_cannot_apply(tiny_model_dir, adapter_file, tmp_path, capsys, caplog):
+    from difflora.formats import read_adapter, to_kohya_state_dict
+
+    tensors = to_kohya_state_dict(read_adapter(adapter_file))
+    tensors["lora_unet_mid_block_resnets_0_conv1.lora_down.weight"] = torch.ones(4, 64, 3, 3)
+    conv = tmp_path / "conv.safetensors"
+    save_file(tensors, str(conv))
+    common = ["generate", "--model", str(tiny_model_dir), "--lora", str(conv), "--prompt", "p", "--steps", "1"]
+    assert main([*common, "--strict", "--out", str(tmp_path / "strict.png")]) == 2
+    assert "1 keys difflora cannot apply (strict): lora_unet_mid_block_resnets_0_conv1.lora_down.weight" in capsys.readouterr().err
+    assert not (tmp_path / "strict.png").exists()
+    assert main([*common, "--out", str(tmp_path / "ok.png")]) == 0
+    assert "1 keys difflora cannot apply were not loaded" in caplog.text  # a warning on stderr outside pytest
