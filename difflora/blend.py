@@ -63,8 +63,9 @@ def low_rank_approximation(up: torch.Tensor, down: torch.Tensor, rank: int | Non
     the dropped singular values over that of all, which Eckart–Young shows is the least any factors of that rank
     can have.
     """
-    q_up, r_up = torch.linalg.qr(up.double(), mode="reduced")  # up = Q_u R_u
-    q_down, r_down = torch.linalg.qr(down.double().t(), mode="reduced")  # downᵀ = Q_d R_d
+    # fp32 throughout: QR is backward stable, so the error stays at fp32 round-off of ‖ΔW‖, far below any truncation.
+    q_up, r_up = torch.linalg.qr(up.float(), mode="reduced")  # up = Q_u R_u
+    q_down, r_down = torch.linalg.qr(down.float().t(), mode="reduced")  # downᵀ = Q_d R_d
     core = r_up @ r_down.t()  # up @ down = Q_u (R_u R_dᵀ) Q_dᵀ, and the core is small
     left, singular, right_t = torch.linalg.svd(core, full_matrices=False)
     if energy is not None:

@@ -216,8 +216,9 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     from .runtime import LoRARuntime
 
     output = Path(args.out)
-    if output.exists() and (not output.is_dir() or any(output.iterdir())):
-        raise InvalidArgumentError(f"--out {output}: exists; give a new folder for the merged model")
+    single_file = output.suffix.lower() == ".safetensors"
+    if output.exists() and (single_file or not output.is_dir() or any(output.iterdir())):
+        raise InvalidArgumentError(f"--out {output}: exists; give a new path for the merged model")
     specs = [parse_lora_spec(text) for text in args.lora]
     if not specs:
         raise InvalidArgumentError("merge needs at least one --lora FILE[:WEIGHT]")
@@ -228,6 +229,12 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     for index, (spec, state) in enumerate(states):
         runtime.add_adapter(f"lora{index}", state, spec.weight, source=str(spec.path))
     runtime.bake()
+    if single_file:  # one original-layout checkpoint, as A1111 and ComfyUI load them
+        from .single_file import save_single_file
+
+        save_single_file(pipe, output)
+        print(output)
+        return 0
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
     try:
@@ -313,7 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     merge = commands.add_parser("merge", help="bake adapters into a model and write a full diffusers folder")
     _add_model_options(merge)
     merge.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]", help="adapter and weight (repeatable)")
-    merge.add_argument("--out", required=True, help="new folder for the merged diffusers model (safetensors)")
+    merge.add_argument("--out", required=True, help="new folder for a diffusers model, or FILE.safetensors for one single-file checkpoint")
     merge.set_defaults(run=_cmd_merge)
 
     # Listed for --help only: main() hands "difflora train ..." to difflora.train before parsing.

@@ -472,7 +472,11 @@ def _load(
     try:
         return load(*args, **kwargs)
     except Exception as error:  # diffusers, transformers, the hub and safetensors raise many kinds
-        raise ModelLoadError(f"--model {label}: could not load ({_one_line_reason(error)}){hint}") from error
+        reason = _one_line_reason(error)
+        if "meta tensor" in reason:
+            # diffusers leaves weights a checkpoint lacks as empty placeholders and then fails on them.
+            reason = "the checkpoint lacks weights this architecture needs: a wrong --model-config or a damaged file"
+        raise ModelLoadError(f"--model {label}: could not load ({reason}){hint}") from error
 
 
 def load_pipeline(

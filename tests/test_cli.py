@@ -189,6 +189,12 @@ def test_merge_writes_a_diffusers_folder_with_the_adapters_baked_in(tiny_model_d
     assert abs(generate(merged, settings, output_type="np")[0] - generate(pipe, settings, output_type="np")[0]).max() < 1e-5
     assert main(["merge", "--model", str(tiny_model_dir), "--lora", str(adapter_file), "--out", str(out)]) == 2  # not over a model
 
+    # The same merge as one single-file checkpoint, loaded back through diffusers' single-file loader.
+    single = tmp_path / "merged.safetensors"
+    assert main(["merge", "--model", str(tiny_model_dir), "--lora", f"{adapter_file}:0.5", "--out", str(single)]) == 0
+    from_file = load_pipeline(single, model_config=tiny_model_dir, quiet=True)
+    assert abs(generate(from_file, settings, output_type="np")[0] - generate(pipe, settings, output_type="np")[0]).max() < 1e-5
+
 
 def test_generate_lists_or_refuses_keys_it_cannot_apply(tiny_model_dir, adapter_file, tmp_path, capsys, caplog):
     from difflora.formats import read_adapter, to_kohya_state_dict
