@@ -209,3 +209,26 @@ def test_generate_lists_or_refuses_keys_it_cannot_apply(tiny_model_dir, adapter_
     assert not (tmp_path / "strict.png").exists()
     assert main([*common, "--out", str(tmp_path / "ok.png")]) == 0
     assert "1 keys difflora cannot apply were not loaded" in caplog.text  # a warning on stderr outside pytest
+
+
+def test_corrupted_or_mismatched_inputs_write_nothing(adapter_file, tmp_path, capsys):
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(adapter_file.read_bytes()[:500])
+    key = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    other = tmp_path / "other-model.safetensors"
+    save_file({f"{key}.lora_A.weight": torch.ones(2, 48), f"{key}.lora_B.weight": torch.ones(48, 2)}, str(other))
+    cases = [
+        (["convert", str(truncated), "--to", "kohya"], "not a readable safetensors"),
+        (["convert", str(truncated), "--to", "peft"], "not a readable safetensors"),
+        (["blend", str(adapter_file), str(truncated)], "not a readable safetensors"),
+        (["blend", str(adapter_file), str(other)], "disagree on the shape"),
+        (["scale", str(truncated), "--weight", "2"], "not a readable safetensors"),
+        (["resize", str(adapter_file), "--rank", "0"], "--rank must be a positive integer"),
+    ]
+    for index, (argv, message) in enumerate(cases):
+        out = tmp_path / f"out{index}.safetensors"
+        assert main([*argv, "--out", str(out)]) == 2, argv
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err, (argv, err)
+        assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other-model.safetensors", "truncated.safetensors"]
