@@ -10,20 +10,13 @@ from difflora.errors import InvalidArgumentError
 from difflora.formats import AdapterState, LoRAModuleWeights, write_adapter
 from difflora.generate import GenerationSettings, generate
 from difflora.models import load_pipeline
+from helpers import random_adapter
 
 SETTINGS = GenerationSettings(prompt="a watercolor of a harbour", steps=3, guidance=5.0, seed=2, width=64, height=64)
 
 
 def image(pipe):
     return generate(pipe, SETTINGS, output_type="np")[0]
-
-
-def random_state(pipe, rank, alpha, seed, components=("unet", "text_encoder")) -> AdapterState:
-    runtime = LoRARuntime(pipe)
-    runtime.create_adapter("scratch", rank=rank, alpha=alpha, components=components, init="random", seed=seed)
-    state = runtime.adapter_state("scratch")
-    runtime.remove_all()
-    return state
 
 
 def delta(module: LoRAModuleWeights) -> torch.Tensor:
@@ -36,8 +29,8 @@ def pipe(tiny_model_dir):
 
 
 def test_concat_equals_diffusers_set_adapters(pipe, tiny_model_dir, tmp_path):
-    a = random_state(pipe, rank=4, alpha=8, seed=1)
-    b = random_state(pipe, rank=2, alpha=1, seed=2)
+    a = random_adapter(pipe, rank=4, alpha=8, seed=1)
+    b = random_adapter(pipe, rank=2, alpha=1, seed=2)
     result = blend([(a, 0.7), (b, -0.3)], method="concat")
     assert result.max_relative_error == 0.0
     some_key = next(iter(result.state.modules))
@@ -54,8 +47,8 @@ def test_concat_equals_diffusers_set_adapters(pipe, tiny_model_dir, tmp_path):
 
 
 def test_concat_handles_modules_only_some_adapters_have(pipe):
-    a = random_state(pipe, rank=4, alpha=4, seed=3, components=("unet",))
-    b = random_state(pipe, rank=2, alpha=2, seed=4, components=("text_encoder",))
+    a = random_adapter(pipe, rank=4, alpha=4, seed=3, components=("unet",))
+    b = random_adapter(pipe, rank=2, alpha=2, seed=4, components=("text_encoder",))
     result = blend([(a, 1.0), (b, 0.5)], method="concat")
     assert set(result.state.modules) == set(a.modules) | set(b.modules)
     key = next(k for k in b.modules)
@@ -63,8 +56,8 @@ def test_concat_handles_modules_only_some_adapters_have(pipe):
 
 
 def test_svd_at_full_rank_is_exact_and_lower_rank_is_optimal(pipe):
-    a = random_state(pipe, rank=4, alpha=8, seed=5, components=("unet",))
-    b = random_state(pipe, rank=3, alpha=2, seed=6, components=("unet",))
+    a = random_adapter(pipe, rank=4, alpha=8, seed=5, components=("unet",))
+    b = random_adapter(pipe, rank=3, alpha=2, seed=6, components=("unet",))
     exact = {key: 0.7 * delta(a.modules[key]) - 0.3 * delta(b.modules[key]) for key in a.modules}
 
     full = blend([(a, 0.7), (b, -0.3)], method="svd", rank=7)
@@ -99,8 +92,8 @@ def test_low_rank_approximation_never_forms_the_full_matrix_but_agrees_with_it()
 
 @pytest.mark.parametrize("method, peft_merge", [("ties", merge_utils.ties), ("dare", merge_utils.dare_linear)])
 def test_ties_and_dare_use_peft_on_whole_deltas(pipe, method, peft_merge):
-    a = random_state(pipe, rank=4, alpha=4, seed=7, components=("text_encoder",))
-    b = random_state(pipe, rank=4, alpha=8, seed=8, components=("text_encoder",))
+    a = random_adapter(pipe, rank=4, alpha=4, seed=7, components=("text_encoder",))
+    b = random_adapter(pipe, rank=4, alpha=8, seed=8, components=("text_encoder",))
     torch.manual_seed(0)
     result = blend([(a, 0.6), (b, 0.4)], method=method, rank=32, density=0.5)  # full rank: no truncation error
     torch.manual_seed(0)
@@ -110,7 +103,7 @@ def test_ties_and_dare_use_peft_on_whole_deltas(pipe, method, peft_merge):
 
 
 def test_scale_and_block_weights(pipe, tiny_model_dir):
-    state = random_state(pipe, rank=4, alpha=8, seed=9)
+    state = random_adapter(pipe, rank=4, alpha=8, seed=9)
     scaled = scale_adapter(state, weight=0.5, block_weights=BlockWeights(up=0.0))
     ours = load_pipeline(tiny_model_dir, quiet=True)
     LoRARuntime.attach(ours).add_adapter("scaled", scaled)
@@ -120,7 +113,7 @@ def test_scale_and_block_weights(pipe, tiny_model_dir):
 
 
 def test_resize_reports_the_optimal_error(pipe):
-    state = random_state(pipe, rank=8, alpha=8, seed=10, components=("unet",))
+    state = random_adapter(pipe, rank=8, alpha=8, seed=10, components=("unet",))
     smaller = resize_adapter(state, rank=3)
     for key, module in smaller.state.modules.items():
         singular = torch.linalg.svdvals(delta(state.modules[key]))
@@ -133,7 +126,7 @@ def test_resize_reports_the_optimal_error(pipe):
 
 
 def test_bad_blends_are_refused(pipe):
-    a = random_state(pipe, rank=2, alpha=2, seed=11, components=("unet",))
+    a = random_adapter(pipe, rank=2, alpha=2, seed=11, components=("unet",))
     with pytest.raises(InvalidArgumentError, match="--method"):
         blend([(a, 1.0)], method="average")
     with pytest.raises(InvalidArgumentError, match="needs --rank"):

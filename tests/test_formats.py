@@ -15,6 +15,7 @@ from difflora.errors import AdapterFileError
 from difflora.formats import AdapterState, LoRAModuleWeights, describe_adapter, read_adapter, write_adapter
 from difflora.generate import GenerationSettings, generate
 from difflora.models import load_pipeline
+from helpers import random_adapter
 
 SETTINGS = GenerationSettings(prompt="an oil painting of a lighthouse", steps=3, guidance=5.0, seed=3, width=64, height=64)
 ONE_LEVEL = 1 / 255
@@ -31,10 +32,7 @@ def pipe(tiny_model_dir):
 
 def mixed_adapter(pipe) -> AdapterState:
     """Non-zero factors, alpha ≠ rank, and a few modules with another rank and alpha (rank/alpha patterns)."""
-    runtime = LoRARuntime(pipe)
-    runtime.create_adapter("a", rank=4, alpha=8, components=("unet", "text_encoder"), init="random", seed=1)
-    state = runtime.adapter_state("a")
-    runtime.remove_all()
+    state = random_adapter(pipe, rank=4, alpha=8, seed=1)
     generator = torch.Generator().manual_seed(2)
     for index, key in enumerate(sorted(state.modules)):
         if index % 5 == 0:  # some modules: rank 2, alpha 3
@@ -253,10 +251,7 @@ def test_difflora_to_kohya_loads_in_plain_diffusers(pipe, tiny_model_dir, tmp_pa
     # One rank and one alpha (≠ rank) for every module: diffusers 0.42's kohya loader misapplies files whose
     # modules have different ranks or alphas (measured here: up to 0.047 off), which A1111 and ComfyUI read per
     # module; difflora's own reading of such files is checked against merged weights above.
-    runtime = LoRARuntime(pipe)
-    runtime.create_adapter("a", rank=4, alpha=8, components=("unet", "text_encoder"), init="random", seed=4)
-    state = runtime.adapter_state("a")
-    runtime.remove_all()
+    state = random_adapter(pipe, rank=4, alpha=8, seed=4)
     path = write_adapter(state, tmp_path / "kohya.safetensors", layout="kohya")
     with safe_open(str(path), "pt") as handle:
         header = handle.metadata()

@@ -9,6 +9,7 @@ from difflora.errors import AdapterShapeError, InvalidArgumentError
 from difflora.formats import AdapterState, LoRAModuleWeights
 from difflora.generate import GenerationSettings, generate
 from difflora.models import load_pipeline
+from helpers import random_adapter
 from difflora.processors import LoRAAttnProcessor, AttentionSite, unet_attention_sites
 
 SETTINGS = GenerationSettings(prompt="a red fox in the snow", steps=3, guidance=5.0, seed=7, width=64, height=64)
@@ -17,15 +18,6 @@ SETTINGS = GenerationSettings(prompt="a red fox in the snow", steps=3, guidance=
 @pytest.fixture
 def pipe(tiny_model_dir):
     return load_pipeline(tiny_model_dir, quiet=True)
-
-
-def random_adapter(pipe, rank, alpha, seed, components=("unet", "text_encoder")) -> AdapterState:
-    """An adapter with non-zero factors on every attention projection (not a zero-init one that changes nothing)."""
-    runtime = LoRARuntime(pipe)  # a scratch runtime: only used to enumerate and size the projections
-    runtime.create_adapter("scratch", rank=rank, alpha=alpha, components=components, init="random", seed=seed)
-    state = runtime.adapter_state("scratch")
-    runtime.remove_all()
-    return state
 
 
 def merge_into_weights(pipe, adapters: list[tuple[AdapterState, float]], keep=lambda module_key: True):
