@@ -323,8 +323,9 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--out", required=True, help="new folder for a diffusers model, or FILE.safetensors for one single-file checkpoint")
     merge.set_defaults(run=_cmd_merge)
 
-    # Listed for --help only: main() hands "difflora train ..." to difflora.train before parsing.
+    # Listed for --help only: main() hands "difflora train/webui ..." over before parsing.
     commands.add_parser("train", help="train a LoRA style adapter (difflora train --help lists its options)")
+    commands.add_parser("webui", help="start the web UI (difflora webui --help lists its options)")
     return parser
 
 
@@ -347,6 +348,10 @@ def main(argv: list[str] | None = None) -> int:
         from .train import main as train_main
 
         return train_main(argv[1:])
+    if argv[:1] == ["webui"]:
+        from .webui import main as webui_main
+
+        return webui_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     _quiet_libraries()

@@ -10,3 +10,8 @@ fi
 python -m pip install -q --upgrade pip
 python -c "import torch" 2>/dev/null || python -m pip install -q torch==2.13.0
 python -m pip install -q -c scripts/constraints.txt -e ".[test]"
+# The web UI's browser test drives Debian's Chromium with Playwright (which must not download a browser of its own).
+if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) \
+    || echo "setup: chromium could not be installed; the browser test will be skipped"
+fi

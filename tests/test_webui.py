@@ -1,0 +1,250 @@
+"""The web UI on the tiny model: through the served page (gradio_client) where the page matters, and through the
+plain session methods for prompt tags and the one-training-at-a-time rule."""
+
+import os
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is imported: no telemetry calls
+
+import json
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+pytest.importorskip("gradio")
+from gradio_client import Client, handle_file  # noqa: E402
+from gradio_client.exceptions import AppError  # noqa: E402
+
+from difflora import LoRARuntime, webui  # noqa: E402
+from difflora.errors import AdapterFileError, InvalidArgumentError  # noqa: E402
+from difflora.formats import read_adapter  # noqa: E402
+from difflora.generate import GenerationSettings, generate  # noqa: E402
+from difflora.models import load_pipeline  # noqa: E402
+from difflora.webui import (  # noqa: E402
+    SLOT_COUNT,
+    AdapterLibrary,
+    AdapterSlot,
+    GenerateRequest,
+    TrainingJob,
+    TrainRequest,
+    WebUISession,
+    build_app,
+    parse_prompt_loras,
+)
+
+SAMPLES = Path(__file__).resolve().parent.parent / "samples"
+PROMPT = "a castle at dusk"
+
+
+@pytest.fixture(scope="module")
+def lora_dir(tmp_path_factory, tiny_model_dir):
+    """An adapter folder with two random (non-zero) adapters of different ranks, one also on the text encoder."""
+    folder = tmp_path_factory.mktemp("loras")
+    runtime = LoRARuntime.attach(load_pipeline(tiny_model_dir, quiet=True))
+    runtime.create_adapter("alpha", rank=4, init="random", seed=1)
+    runtime.create_adapter("beta", rank=2, alpha=4.0, components=("unet", "text_encoder"), init="random", seed=2)
+    runtime.save("alpha", folder / "alpha.safetensors", {"difflora.trigger_words": json.dumps(["alphastyle"])})
+    runtime.save("beta", folder / "beta.safetensors")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def session(lora_dir, tiny_model_dir):
+    return WebUISession(load_pipeline(tiny_model_dir, quiet=True), lora_dir, model_label=str(tiny_model_dir))
+
+
+@pytest.fixture(scope="module")
+def client(session, tmp_path_factory):
+    """The page served in this process on a free port of 127.0.0.1, and a gradio_client connected to it."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    app = build_app(session)
+    app.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, ssr_mode=False, quiet=True)
+    try:
+        yield Client(f"http://127.0.0.1:{port}/", verbose=False, analytics_enabled=False,
+                     download_files=str(tmp_path_factory.mktemp("downloads")))
+    finally:
+        app.close()
+
+
+def generate_form(prompt=PROMPT, slots=(), steps=3, seed=7, fuse=False, scheduler=webui.MODEL_SCHEDULER):
+    """The Generate tab's values in the order the page sends them (GenerateRequest.FORM_FIELDS, then the slots)."""
+    values = [prompt, "", steps, 5.0, seed, False, 64, 64, scheduler, 1, fuse]
+    rows = [list(slot) for slot in slots] + [[None, 1.0, True, ""]] * (SLOT_COUNT - len(slots))
+    return values + [value for row in rows for value in row]
+
+
+def blend_form(pairs, method="concat", rank=0, density=0.5):
+    rows = [list(pair) for pair in pairs] + [[None, 1.0]] * (SLOT_COUNT - len(pairs))
+    return [value for row in rows for value in row] + [method, rank, density]
+
+
+def pixels(path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 255
+
+
+def gallery_files(gallery) -> list[str]:
+    return [item["image"] if isinstance(item, dict) else item[0] for item in gallery]
+
+
+def library_image(tiny_model_dir, lora_dir, weights: dict[str, float], seed=7) -> np.ndarray:
+    pipe = load_pipeline(tiny_model_dir, quiet=True)
+    runtime = LoRARuntime.attach(pipe)
+    for name, weight in weights.items():
+        runtime.load(lora_dir / f"{name}.safetensors", weight=weight)
+    settings = GenerationSettings(PROMPT, steps=3, guidance=5.0, seed=seed, width=64, height=64)
+    return generate(pipe, settings, output_type="np")[0]
+
+
+def test_page_generates_the_library_image_and_saves_it_with_its_parameters(client, session, tiny_model_dir, lora_dir):
+    slots = [("alpha.safetensors", 0.7, True, ""), ("beta.safetensors", -0.4, True, "")]
+    gallery, used_seed, status = client.predict(*generate_form(slots=slots), api_name="/generate")
+    (page_file,) = gallery_files(gallery)
+    assert used_seed == 7 and "alpha 0.7" in status
+    expected = library_image(tiny_model_dir, lora_dir, {"alpha": 0.7, "beta": -0.4})
+    assert np.abs(pixels(page_file) - expected).max() <= 1 / 255 + 1e-6
+    base = library_image(tiny_model_dir, lora_dir, {})
+    assert np.abs(pixels(page_file) - base).max() > 4 / 255  # the adapters did act
+    # The PNG in <lora-dir>/outputs carries the settings and the adapter mix.
+    (saved,) = sorted((lora_dir / "outputs").glob("*.png"))
+    record = json.loads(Image.open(saved).text["difflora"])
+    assert record["settings"]["seed"] == 7 and record["settings"]["prompt"] == PROMPT
+    assert [(a["name"], a["weight"], a["source"]) for a in record["adapters"]] == [
+        ("alpha", 0.7, "alpha.safetensors"), ("beta", -0.4, "beta.safetensors")]
+    assert "<lora:alpha:0.7>" in Image.open(saved).text["parameters"]
+
+
+def test_moving_a_slider_reads_no_file_and_changes_the_image(client, session, monkeypatch):
+    slots = [("alpha.safetensors", 0.7, True, ""), ("beta.safetensors", -0.4, True, "")]
+    first, _, _ = client.predict(*generate_form(slots=slots), api_name="/generate")
+    reads = []
+    monkeypatch.setattr(webui, "read_adapter", lambda path: reads.append(path) or read_adapter(path))
+    moved = [("alpha.safetensors", 1.5, True, "down=0,mid=1,up=1"), ("beta.safetensors", -0.4, False, "")]
+    second, _, status = client.predict(*generate_form(slots=moved, fuse=True), api_name="/generate")
+    third, _, _ = client.predict(*generate_form(slots=moved, fuse=False), api_name="/generate")
+    assert reads == []  # weights, block weights, on/off and fusing are numbers on loaded adapters
+    adapters = session.runtime.adapters
+    assert adapters["alpha"].weight == 1.5 and adapters["alpha"].block_weights.down == 0.0
+    assert not adapters["beta"].enabled and not session.runtime.fused and "(fused)" in status
+    first_image, second_image = pixels(gallery_files(first)[0]), pixels(gallery_files(second)[0])
+    assert np.abs(first_image - second_image).max() > 4 / 255
+    assert np.abs(second_image - pixels(gallery_files(third)[0])).max() <= 1 / 255  # fused == unfused
+
+
+def test_other_schedulers_run(client):
+    gallery, _, status = client.predict(*generate_form(scheduler="DPM++ 2M"), api_name="/generate")
+    assert len(gallery_files(gallery)) == 1 and "DPMSolverMultistepScheduler" in status
+    client.predict(*generate_form(scheduler="Euler a"), api_name="/generate")
+
+
+def test_blend_save_writes_a_file_and_preview_leaves_no_adapter(client, session, lora_dir):
+    pairs = [("alpha.safetensors", 0.6), ("beta.safetensors", 0.5)]
+    saved, report, *_ = client.predict(*blend_form(pairs, method="svd", rank=2), "mix", "kohya", api_name="/blend_save")
+    written = read_adapter(lora_dir / "mix.safetensors")
+    assert written.source_format == "kohya" and written.ranks() == [2]
+    assert "modules" in report and "relative error" in report
+    assert read_adapter(saved).ranks() == [2]  # the download is the same file
+    with pytest.raises(AppError, match="already exists"):
+        client.predict(*blend_form(pairs), "mix", "difflora", api_name="/blend_save")
+
+    image, note = client.predict(*blend_form(pairs), *generate_form(), api_name="/blend_preview")
+    assert Path(image).is_file() and "seed 7" in note
+    assert webui.BLEND_PREVIEW_ADAPTER not in session.runtime.adapters
+
+
+def test_inspect_shows_format_ranks_and_trigger_words(client):
+    text, summary = client.predict("beta.safetensors", api_name="/inspect")
+    assert summary["format"] == "difflora" and summary["ranks"] == [2] and summary["alphas"] == [4.0]
+    assert set(summary["modules_per_component"]) == {"unet", "text_encoder"} and "**ranks**: 2" in text
+    _, alpha = client.predict("alpha.safetensors", api_name="/inspect")
+    assert alpha["trigger_words"] == ["alphastyle"]
+
+
+def test_paths_outside_the_adapter_folder_are_refused(client, session, lora_dir, tmp_path):
+    before = set(lora_dir.parent.iterdir())
+    for name in ("../evil", "/tmp/evil", "..\\evil"):
+        with pytest.raises(AppError, match="refused"):
+            client.predict(*blend_form([("alpha.safetensors", 1.0)]), name, "difflora", api_name="/blend_save")
+    with pytest.raises(AppError, match="refused"):
+        client.predict(*generate_form(prompt="a castle <lora:../loras/alpha:1>"), api_name="/generate")
+    with pytest.raises(AppError):
+        client.predict("/etc/passwd", api_name="/inspect")  # not a choice of the list, and outside anyway
+    assert set(lora_dir.parent.iterdir()) == before and not Path("/tmp/evil.safetensors").exists()
+    for name in ("/etc/passwd", "../x.safetensors", "sub/../../x.safetensors"):
+        with pytest.raises(InvalidArgumentError, match="refused"):
+            session.inspect(name)
+    # A symlink inside the folder that leads out is neither listed nor read.
+    outside = tmp_path / "outside.safetensors"
+    outside.write_bytes((lora_dir / "alpha.safetensors").read_bytes())
+    link = lora_dir / "link.safetensors"
+    link.symlink_to(outside)
+    try:
+        assert "link.safetensors" not in session.library.names()
+        with pytest.raises(InvalidArgumentError, match="refused"):
+            session.inspect("link.safetensors")
+    finally:
+        link.unlink()
+
+
+def test_invalid_uploads_are_refused_and_valid_ones_added(client, session, lora_dir, tmp_path):
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(os.urandom(256))
+    pickle = tmp_path / "pickled.safetensors"
+    torch.save({"lora_down": torch.zeros(2)}, pickle)
+    for upload in (garbage, pickle):
+        with pytest.raises(AppError, match="refused"):
+            client.predict(handle_file(str(upload)), api_name="/inspect_upload")
+        with pytest.raises(AppError, match="refused"):
+            client.predict(handle_file(str(upload)), api_name="/add_upload")
+        assert not (lora_dir / upload.name).exists()
+    with pytest.raises(AdapterFileError, match="pickles are refused"):
+        session.add_upload(tmp_path / "model.ckpt")
+    good = tmp_path / "gamma.safetensors"
+    good.write_bytes((lora_dir / "beta.safetensors").read_bytes())
+    text, summary = client.predict(handle_file(str(good)), api_name="/inspect_upload")
+    assert summary["ranks"] == [2] and "upload" in text
+    message, *lists = client.predict(handle_file(str(good)), api_name="/add_upload")
+    assert "gamma.safetensors" in message and (lora_dir / "gamma.safetensors").is_file() and "gamma.safetensors" in lists[-1]
+
+
+def test_prompt_tags_are_parsed_and_generate_like_slots(session):
+    text, slots = parse_prompt_loras("a castle <lora:alpha:0.5>, at dusk <LORA:beta.safetensors>")
+    assert text == "a castle, at dusk"
+    assert slots == [AdapterSlot("alpha.safetensors", 0.5), AdapterSlot("beta.safetensors", 1.0)]
+    with pytest.raises(InvalidArgumentError, match="not a number"):
+        parse_prompt_loras("<lora:alpha:lots>")
+
+    tagged = session.generate(GenerateRequest(f"{PROMPT} <lora:alpha:0.5>", steps=3, guidance=5.0, seed=3))
+    assert tagged.prompt == PROMPT and [(u.name, u.weight) for u in tagged.adapters] == [("alpha", 0.5)]
+    slotted = session.generate(GenerateRequest(PROMPT, steps=3, guidance=5.0, seed=3,
+                                               adapters=[AdapterSlot("alpha.safetensors", 0.5)]))
+    assert np.array_equal(pixels(tagged.files[0]), pixels(slotted.files[0]))
+    with pytest.raises(InvalidArgumentError, match="selected twice"):
+        session.generate(GenerateRequest(f"{PROMPT} <lora:alpha:0.5>", steps=1,
+                                         adapters=[AdapterSlot("alpha.safetensors", 1.0)]))
+    with pytest.raises(AdapterFileError, match="no such file"):
+        session.generate(GenerateRequest(f"{PROMPT} <lora:missing:1>", steps=1))
+
+
+def test_one_training_at_a_time_and_its_adapter_joins_the_list(tmp_path, tiny_model_dir):
+    library = AdapterLibrary(tmp_path)
+    job = TrainingJob(library, str(tiny_model_dir), native_size=64)
+    request = TrainRequest(name="pixsun", dataset=str(SAMPLES / "pixel-sunsets"), steps=2, batch_size=2, rank=2,
+                           lr=1e-3, trigger_word="pixsun", validation_prompt="pixsun style, a sunset")
+    with pytest.raises(InvalidArgumentError, match="refused"):
+        job.start(TrainRequest(name="x", dataset="../elsewhere"))
+    assert job.start(request).state == "running"
+    with pytest.raises(InvalidArgumentError, match="a training run is already in progress"):
+        job.start(TrainRequest(name="other", dataset=str(SAMPLES / "pixel-sunsets"), steps=2))
+    status = job.wait(timeout=120)
+    assert status.state == "finished", status.message
+    assert status.adapter_file == "pixsun.safetensors" and "pixsun.safetensors" in library.names()
+    assert status.preview is not None and status.preview.is_file() and status.finished_runs == 1
+    assert library.summary("pixsun.safetensors")["trigger_words"] == ["pixsun"]
+    assert (tmp_path / "training" / "pixsun" / "config.yaml").is_file()
+    with pytest.raises(InvalidArgumentError, match="already exists"):
+        job.start(request)
