@@ -1126,6 +1126,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logger.setLevel(logging.INFO)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    # Gradio keeps uploads and copies of served files in a cache folder; keep it inside the adapter folder too, so
+    # the UI writes nowhere else (a hidden folder: the adapter list shows top-level *.safetensors only).
+    lora_dir = Path(args.lora_dir).expanduser()
+    if lora_dir.is_dir():
+        os.environ.setdefault("GRADIO_TEMP_DIR", str(lora_dir.resolve() / ".gradio-cache"))
     try:
         import gradio  # noqa: F401
     except ImportError:

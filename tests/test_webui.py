@@ -248,3 +248,32 @@ def test_one_training_at_a_time_and_its_adapter_joins_the_list(tmp_path, tiny_mo
     assert (tmp_path / "training" / "pixsun" / "config.yaml").is_file()
     with pytest.raises(InvalidArgumentError, match="already exists"):
         job.start(request)
+
+
+def test_concurrent_users_get_their_own_mix(session, lora_dir, tiny_model_dir):
+    """Two users generating at once with different mixes each get the image of their own mix."""
+    import threading
+
+    requests = {
+        "first": GenerateRequest.from_form(generate_form(slots=[("alpha.safetensors", 0.9, True, "")], seed=3)),
+        "second": GenerateRequest.from_form(generate_form(slots=[("beta.safetensors", -0.5, True, "")], seed=3)),
+    }
+    results, errors = {}, []
+
+    def user(name):
+        try:
+            results[name] = session.generate(requests[name])
+        except Exception as error:  # surfaced below
+            errors.append(error)
+
+    threads = [threading.Thread(target=user, args=(name,)) for name in requests for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not errors
+    for name, (file, weight) in {"first": ("alpha", 0.9), "second": ("beta", -0.5)}.items():
+        pipe = load_pipeline(tiny_model_dir, quiet=True)
+        LoRARuntime.attach(pipe).load(lora_dir / f"{file}.safetensors", weight=weight)
+        expected = generate(pipe, GenerationSettings(PROMPT, steps=3, guidance=5.0, seed=3, width=64, height=64), output_type="np")[0]
+        assert abs(pixels(results[name].files[0]) - expected).max() <= 1 / 255, name
