@@ -11,6 +11,16 @@ from pathlib import Path
 __all__ = ["atomic_path"]
 
 
+def _read_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# Read once at import: os.umask can only be read by setting it, which is not safe once threads run.
+_FILE_MODE = 0o666 & ~_read_umask()
+
+
 @contextlib.contextmanager
 def atomic_path(destination: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``destination``; on success it is renamed over ``destination`` in one step.
@@ -25,6 +35,8 @@ def atomic_path(destination: str | os.PathLike) -> Iterator[Path]:
     temporary_path = Path(temporary)
     try:
         yield temporary_path
+        # mkstemp creates the file private (0600); give it the mode a plain open() would have.
+        os.chmod(temporary_path, _FILE_MODE)
         os.replace(temporary_path, destination)
     finally:
         if temporary_path.exists():

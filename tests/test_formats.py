@@ -294,3 +294,13 @@ def test_peft_folder_round_trip_and_peft_loads_it(pipe, tiny_model_dir, tmp_path
         torch.testing.assert_close(unet(latents, 10, ours_context).sample, ours.unet(latents, 10, ours_context).sample, rtol=0, atol=1e-5)
     with pytest.raises(AdapterFileError, match="exists"):
         write_peft_folder(state, folder)
+
+
+def test_written_files_get_the_usual_permissions(pipe, tmp_path):
+    import os
+    import stat
+
+    path = write_adapter(random_adapter(pipe, rank=2, alpha=2, seed=1, components=("unet",)), tmp_path / "a.safetensors")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
