@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["atomic_path"]
+__all__ = ["atomic_path", "atomic_directory"]
 
 
 def _read_umask() -> int:
@@ -18,7 +19,9 @@ def _read_umask() -> int:
 
 
 # Read once at import: os.umask can only be read by setting it, which is not safe once threads run.
-_FILE_MODE = 0o666 & ~_read_umask()
+_UMASK = _read_umask()
+_FILE_MODE = 0o666 & ~_UMASK
+_DIRECTORY_MODE = 0o777 & ~_UMASK
 
 
 @contextlib.contextmanager
@@ -41,3 +44,23 @@ def atomic_path(destination: str | os.PathLike) -> Iterator[Path]:
     finally:
         if temporary_path.exists():
             temporary_path.unlink()
+
+
+@contextlib.contextmanager
+def atomic_directory(destination: str | os.PathLike) -> Iterator[Path]:
+    """Yield a new empty folder beside ``destination``; on success it is renamed to ``destination`` in one step.
+
+    ``destination`` must not exist or be an empty folder (callers check that first, with a message of their own).
+    On any exception the staging folder is removed and ``destination`` is left as it was.
+    """
+    destination = Path(destination)
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", dir=destination.parent))
+    try:
+        yield staging
+        os.chmod(staging, _DIRECTORY_MODE)  # mkdtemp makes it private (0700); use the mode mkdir would give
+        if destination.exists():
+            destination.rmdir()  # empty: os.replace cannot replace a folder on every OS
+        os.replace(staging, destination)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

@@ -207,10 +207,7 @@ def _cmd_resize(args: argparse.Namespace) -> int:
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
-    import os
-    import shutil
-    import tempfile
-
+    from ._files import atomic_directory
     from .formats import read_adapter
     from .models import load_pipeline, resolve_device, resolve_dtype
     from .runtime import LoRARuntime
@@ -235,15 +232,8 @@ def _cmd_merge(args: argparse.Namespace) -> int:
         save_single_file(pipe, output)
         print(output)
         return 0
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
-    try:
+    with atomic_directory(output) as staging:
         pipe.save_pretrained(staging, safe_serialization=True)
-        if output.exists():
-            output.rmdir()
-        os.replace(staging, output)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     print(output)
     return 0
 

@@ -32,7 +32,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ._files import atomic_path
+from ._files import atomic_directory, atomic_path
 from .errors import AdapterFileError
 from .processors import CLIP_PROJECTIONS, UNET_PROJECTIONS
 
@@ -552,9 +552,6 @@ def write_peft_folder(state: AdapterState, folder: str | os.PathLike) -> Path:
 
     The folder is built beside ``folder`` and renamed into place, so a failure leaves nothing behind.
     """
-    import shutil
-    import tempfile
-
     from . import __version__
 
     folder = Path(folder)
@@ -562,9 +559,7 @@ def write_peft_folder(state: AdapterState, folder: str | os.PathLike) -> Path:
         raise AdapterFileError(f"{folder}: exists; give a new folder for the PEFT output")
     if not state.modules:
         raise AdapterFileError(f"{folder}: the adapter has no modules; nothing to write")
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
+    with atomic_directory(folder) as staging:
         flat = diffusers_lora_metadata(state)
         for component in sorted({key.split(".", 1)[0] for key in state.modules}):
             config = {option.split(".", 1)[1]: value for option, value in flat.items() if option.startswith(component + ".")}
@@ -579,11 +574,6 @@ def write_peft_folder(state: AdapterState, folder: str | os.PathLike) -> Path:
             (staging / component).mkdir()
             (staging / component / PEFT_CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))
             save_file(tensors, str(staging / component / PEFT_WEIGHTS_FILE), metadata={"format": "pt", "difflora.version": __version__})
-        if folder.exists():
-            folder.rmdir()  # empty, checked above
-        os.replace(staging, folder)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return folder
 
 
