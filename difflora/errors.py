@@ -25,3 +25,7 @@ class AdapterShapeError(DiffloraError):
 
 class ModelLoadError(DiffloraError):
     """A model (diffusers folder, single-file checkpoint or hub id) could not be loaded."""
+
+
+class FuseError(DiffloraError):
+    """Fusing would write NaN or inf into a base weight (the mix is too large for the weight's precision)."""

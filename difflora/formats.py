@@ -157,7 +157,7 @@ def _classify(key: str) -> tuple[str, str, str] | None:
 
 
 def _check_factor_shapes(source: str, module_key: str, down: torch.Tensor, up: torch.Tensor) -> None:
-    if down.ndim != 2 or up.ndim != 2 or up.shape[1] != down.shape[0]:
+    if down.ndim != 2 or up.ndim != 2 or up.shape[1] != down.shape[0] or down.shape[0] == 0:
         raise AdapterFileError(
             f"{source}: module {module_key!r} has factors of shapes {tuple(down.shape)} and {tuple(up.shape)}, "
             "expected down (rank × in) and up (out × rank)"

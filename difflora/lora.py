@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .errors import InvalidArgumentError
+from .errors import FuseError, InvalidArgumentError
 
 __all__ = ["lora_scale", "LoRAFactors", "MultiLoRA", "ActiveAdapter", "AdapterDict"]
 
@@ -207,8 +207,9 @@ class MultiLoRA(nn.Module):
         active = self.active()
         if not active:
             return None
-        if torch.is_grad_enabled() and any(a.factors.down.requires_grad or a.factors.up.requires_grad for a in active):
-            # Training: keep each adapter's own graph; the factors may be fp32 while x is fp16/bf16 under autocast.
+        if any(a.factors.down.requires_grad or a.factors.up.requires_grad for a in active):
+            # Trainable factors: keep each adapter's own graph (the factors may be fp32 while x is fp16/bf16 under
+            # autocast), and never cache them: optimizers may write them through .data, unseen by _version.
             total = None
             for adapter in active:
                 term = adapter.factors(x, adapter.multiplier)
@@ -251,7 +252,8 @@ class MultiLoRA(nn.Module):
         if delta is not None:
             fused = (original.float() + delta.to(original.device)).to(original.dtype)
             if not torch.isfinite(fused).all():
-                raise FloatingPointError("fusing would write NaN/inf into the base weight; nothing was changed")
+                raise FuseError(f"fusing would write NaN/inf into a {tuple(original.shape)} {original.dtype} weight "
+                                "(weights too large for its precision); nothing was changed")
             with torch.no_grad():
                 base.weight.copy_(fused)
         # A non-persistent buffer follows .to(device) with the module and stays out of state_dict().

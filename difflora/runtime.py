@@ -125,19 +125,22 @@ class LoRARuntime:
         if self._processors:
             return
         unet = self.components["unet"]
-        self._original_unet_processors = dict(unet.attn_processors)
-        processors = {}
+        # Build every processor first (a block whose sizes do not fit raises here), then change the model.
+        built = {}
         for site_key, (site, attn) in self._sites.items():
-            if site.component == "unet":
-                processor = LoRAAttnProcessor(site, attn)
-                processors[f"{site.path}.processor"] = processor
-            else:
-                processor = CLIPLoRAAttnProcessor(site, attn)
+            built[site_key] = (LoRAAttnProcessor if site.component == "unet" else CLIPLoRAAttnProcessor)(site, attn)
+        originals = dict(unet.attn_processors)
+        unet.set_attn_processor(
+            {f"{self._sites[key][0].path}.processor": p for key, p in built.items() if isinstance(p, LoRAAttnProcessor)}
+        )
+        for site_key, processor in built.items():
+            if isinstance(processor, CLIPLoRAAttnProcessor):
+                attn = self._sites[site_key][1]
                 # A submodule of the block, so it follows the text encoder's .to(device, dtype).
                 attn.add_module(_HOST_ATTRIBUTE, processor)
                 processor.install(attn)
-            self._processors[site_key] = processor
-        unet.set_attn_processor(processors)
+        self._original_unet_processors = originals
+        self._processors = built
 
     def _uninstall(self) -> None:
         if not self._processors:
@@ -230,24 +233,26 @@ class LoRARuntime:
             logger.warning("%s: %d keys difflora cannot apply were not loaded: %s", where, len(state.skipped), listed)
         weight = _as_weight(weight, f"weight of {name!r}")
         placement = self._check_fits(state, where)
+        # Every factor is built before the model changes, so a failure here (bad values, out of memory) changes nothing.
+        built = []
+        for module_key, weights in state.modules.items():
+            site_key, projection = placement[module_key]
+            # Beside the layer it adapts; LoRA factors stay fp32 whatever the model's dtype.
+            device = next(self._sites[site_key][1].parameters()).device
+            factors = LoRAFactors.from_tensors(
+                weights.down.to(device=device, dtype=torch.float32),
+                weights.up.to(device=device, dtype=torch.float32),
+                alpha=weights.alpha,
+                use_rslora=weights.use_rslora,
+            )
+            factors.requires_grad_(False)
+            built.append((site_key, projection, factors))
         with self._changing():
             if name in self._adapters:
                 self._remove_factors(name)
             self._install()
-            for module_key, weights in state.modules.items():
-                site_key, projection = placement[module_key]
-                processor = self._processors[site_key]
-                branch = processor.branch(projection)
-                # Beside the layer it adapts; LoRA factors stay fp32 whatever the model's dtype.
-                device = next(self._sites[site_key][1].parameters()).device
-                factors = LoRAFactors.from_tensors(
-                    weights.down.to(device=device, dtype=torch.float32),
-                    weights.up.to(device=device, dtype=torch.float32),
-                    alpha=weights.alpha,
-                    use_rslora=weights.use_rslora,
-                )
-                factors.requires_grad_(False)
-                branch.add(name, factors, multiplier=0.0)
+            for site_key, projection, factors in built:
+                self._processors[site_key].branch(projection).add(name, factors, multiplier=0.0)
             self._adapters[name] = AdapterInfo(
                 name=name,
                 weight=weight,

@@ -170,8 +170,9 @@ def test_unreadable_keys_are_reported_not_dropped(pipe, tmp_path):
         (lambda d: save_file({"foo.weight": torch.ones(2)}, str(d / "foo.safetensors")) or d / "foo.safetensors", "no LoRA keys"),
         (lambda d: save_file({"unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight": torch.ones(2, 32)}, str(d / "half.safetensors")) or d / "half.safetensors", "no up factor"),
         (lambda d: d, "no pytorch_lora_weights"),
+        (lambda d: save_file({"unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight": torch.ones(0, 32), "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_B.weight": torch.ones(32, 0)}, str(d / "rank0.safetensors")) or d / "rank0.safetensors", "expected down (rank × in)"),
     ],
-    ids=["missing", "bin", "ckpt", "garbage", "no-lora-keys", "half-module", "empty-folder"],
+    ids=["missing", "bin", "ckpt", "garbage", "no-lora-keys", "half-module", "empty-folder", "rank-zero"],
 )
 def test_bad_files_give_one_line_errors(tmp_path, make, message):
     path = make(tmp_path)

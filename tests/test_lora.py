@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from difflora.errors import InvalidArgumentError
+from difflora.errors import FuseError, InvalidArgumentError
 from difflora.lora import LoRAFactors, MultiLoRA, lora_scale
 
 
@@ -127,7 +127,7 @@ def test_fuse_refuses_non_finite_result_and_changes_nothing():
     with torch.no_grad():
         bad.up.fill_(math.inf)
     branch.add("bad", bad)
-    with pytest.raises(FloatingPointError):
+    with pytest.raises(FuseError, match="NaN/inf"):
         branch.fuse(layer)
     assert torch.equal(layer.weight, original) and not branch.fused
 

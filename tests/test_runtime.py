@@ -222,3 +222,35 @@ def test_adapter_named_like_a_module_attribute(pipe):
     runtime.create_adapter("train", rank=2, init="random", seed=1)
     runtime.set_weight("train", 0.5)
     assert runtime.adapter_state("train").modules
+
+
+def test_a_load_that_fails_midway_changes_nothing(pipe, monkeypatch):
+    import difflora.runtime as runtime_module
+
+    runtime = LoRARuntime.attach(pipe)
+    originals = dict(pipe.unet.attn_processors)
+    state = random_adapter(pipe, 4, 4, seed=12)
+    real = runtime_module.LoRAFactors.from_tensors
+    calls = []
+
+    def fail_on_the_fifth(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:
+            raise MemoryError("simulated out of memory")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runtime_module.LoRAFactors, "from_tensors", fail_on_the_fifth)
+    with pytest.raises(MemoryError):
+        runtime.add_adapter("first", state)
+    assert runtime.adapters == {} and dict(pipe.unet.attn_processors) == originals  # nothing installed
+
+    monkeypatch.setattr(runtime_module.LoRAFactors, "from_tensors", real)
+    runtime.add_adapter("kept", state, weight=0.5)
+    runtime.fuse()
+    before = image(pipe)
+    calls.clear()
+    monkeypatch.setattr(runtime_module.LoRAFactors, "from_tensors", fail_on_the_fifth)
+    with pytest.raises(MemoryError):
+        runtime.add_adapter("kept", state, weight=1.0, replace_existing=True)
+    assert list(runtime.adapters) == ["kept"] and runtime.adapters["kept"].weight == 0.5 and runtime.fused
+    assert (image(pipe) == before).all()
