@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from .errors import DiffloraError
+from .errors import DiffloraError, InvalidArgumentError
 from .train_config import TrainConfig, config_from_args, config_to_dict
 
 logger = logging.getLogger("difflora.train")
@@ -129,6 +129,12 @@ def train(config: TrainConfig, progress=None) -> TrainingResult:
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
     )
     set_seed(config.seed)
+    global_batch = config.batch_size * accelerator.num_processes
+    if accelerator.num_processes > 1 and index.num_samples < global_batch:
+        raise InvalidArgumentError(
+            f"--batch-size {config.batch_size} × {accelerator.num_processes} processes needs at least {global_batch} "
+            f"images, {config.data} has {index.num_samples}"
+        )
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
@@ -171,12 +177,20 @@ def train(config: TrainConfig, progress=None) -> TrainingResult:
     # 5. Batches. Each global batch (batch_size × processes images, one bucket) is split across processes, so N
     # processes see exactly the images, noise and timesteps of one process with the same global batch.
     dataset = datasets.CaptionedImages(index, data_config)
-    global_batch = config.batch_size * accelerator.num_processes
     sampler = datasets.BucketBatchSampler(dataset.bucket_per_index, global_batch, seed=config.seed, drop_last=len(dataset) >= global_batch)
-    batches_per_epoch = len(sampler)
-    updates_per_epoch = steps_per_epoch(batches_per_epoch, config.gradient_accumulation)
+    # Each epoch ends on an optimizer step: the batches that do not fill a last accumulation are left out, so a
+    # resumed run can find its place from the step count alone.
+    updates_per_epoch = steps_per_epoch(len(sampler), config.gradient_accumulation)
+    batches_used_per_epoch = updates_per_epoch * config.gradient_accumulation
     total_steps = config.steps or config.epochs * updates_per_epoch
-    lr_scheduler = get_scheduler(config.lr_scheduler, optimizer=optimizer, num_warmup_steps=config.lr_warmup_steps, num_training_steps=total_steps)
+    # accelerate steps a prepared scheduler once per process on every optimizer step (it expects each process to
+    # see 1/N of the data); every process here takes every step, so the schedule is N times as long.
+    lr_scheduler = get_scheduler(
+        config.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=config.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=total_steps * accelerator.num_processes,
+    )
 
     trained = [m for m, on in ((unet, config.train_unet), (text_encoder, config.train_text_encoder)) if on]
     prepared = accelerator.prepare(*trained, optimizer, lr_scheduler)
@@ -231,6 +245,8 @@ def train(config: TrainConfig, progress=None) -> TrainingResult:
             for batch_number, indices in enumerate(sampler):
                 if batch_number < skip_batches:
                     continue
+                if batch_number >= batches_used_per_epoch:
+                    break
                 with accelerator.accumulate(*trained):
                     latents, captions = latents_and_captions(indices[rank * local_batch:(rank + 1) * local_batch])
                     # Noise for the whole global batch from the shared generator; this process takes its slice.

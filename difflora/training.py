@@ -7,7 +7,6 @@ weighted by Min-SNR-γ (Hang et al. 2023) and with offset noise.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -199,4 +198,10 @@ def held_out_loss(
 
 
 def steps_per_epoch(batches_per_epoch: int, gradient_accumulation: int) -> int:
-    return max(1, math.ceil(batches_per_epoch / gradient_accumulation))
+    """Optimizer steps in an epoch when every step takes ``gradient_accumulation`` whole batches."""
+    if batches_per_epoch < gradient_accumulation:
+        raise InvalidArgumentError(
+            f"--gradient-accumulation {gradient_accumulation} needs at least that many batches per epoch, "
+            f"the data gives {batches_per_epoch}"
+        )
+    return batches_per_epoch // gradient_accumulation

@@ -86,7 +86,9 @@ def test_it_learns_the_style(tmp_path, tiny_model_dir):
 
 def test_resume_reproduces_the_uninterrupted_run(tmp_path, tiny_model_dir):
     train_dir, _ = style_split(tmp_path)
-    common = dict(model=str(tiny_model_dir), steps=6, lr=1e-2, lr_scheduler="linear", snr_gamma=5.0, noise_offset=0.05)
+    # Accumulation 2 over 10 batches an epoch: 5 steps an epoch, so the run crosses an epoch boundary after resuming.
+    common = dict(model=str(tiny_model_dir), steps=8, lr=1e-2, lr_scheduler="linear", snr_gamma=5.0, noise_offset=0.05,
+                  gradient_accumulation=2)
     straight = train(config(tmp_path / "a", train_dir, **common))
 
     def interrupt_at_three(step, total, loss):
@@ -97,7 +99,7 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, tiny_model_dir):
     assert stopped.interrupted and stopped.steps == 3 and stopped.adapter_path is None
     assert stopped.last_checkpoint.name == "checkpoint-000003"
     resumed = train(config(tmp_path / "b", train_dir, resume="latest", **common))
-    assert resumed.steps == 6
+    assert resumed.steps == 8
     assert resumed.losses == pytest.approx(straight.losses[3:], abs=1e-6)
     a, b = read_adapter(straight.adapter_path), read_adapter(resumed.adapter_path)
     for key, module in a.modules.items():
@@ -178,7 +180,9 @@ def test_bad_data_fails_before_any_model_loads(tmp_path):
 @pytest.mark.skipif(sys.platform == "win32", reason="gloo on one machine")
 def test_two_cpu_processes_equal_one_process(tmp_path, tiny_model_dir):
     train_dir, _ = style_split(tmp_path)
-    base = ["--data", str(train_dir), "--model", str(tiny_model_dir), "--steps", "3", "--rank", "4", "--lr", "1e-2", "--report-to", "none", "--seed", "5"]
+    # A schedule with warm-up and decay: accelerate would run it N times as fast on N processes if not told.
+    base = ["--data", str(train_dir), "--model", str(tiny_model_dir), "--steps", "3", "--rank", "4", "--lr", "1e-2", "--report-to", "none",
+            "--seed", "5", "--lr-scheduler", "linear", "--lr-warmup-steps", "1"]
     single = subprocess.run(
         [sys.executable, "-m", "difflora.train", *base, "--batch-size", "4", "--output", str(tmp_path / "one")],
         capture_output=True, text=True, timeout=300,
