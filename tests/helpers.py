@@ -1,5 +1,8 @@
 """Helpers several test files share."""
 
+import contextlib
+import socket
+
 from difflora import LoRARuntime
 from difflora.formats import AdapterState
 
@@ -12,3 +15,19 @@ def random_adapter(pipe, rank: int, alpha: float, seed: int, components=("unet",
     state = runtime.adapter_state("scratch")
     runtime.remove_all()
     return state
+
+
+@contextlib.contextmanager
+def served_app(session):
+    """The web UI of ``session`` served in this process on a free port of 127.0.0.1; yields its URL."""
+    from difflora.webui import build_app
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    app = build_app(session)
+    app.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, ssr_mode=False, quiet=True)
+    try:
+        yield f"http://127.0.0.1:{port}/"
+    finally:
+        app.close()

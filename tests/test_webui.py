@@ -6,7 +6,6 @@ import os
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is imported: no telemetry calls
 
 import json
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +22,7 @@ from difflora.errors import AdapterFileError, InvalidArgumentError  # noqa: E402
 from difflora.formats import read_adapter  # noqa: E402
 from difflora.generate import GenerationSettings, generate  # noqa: E402
 from difflora.models import load_pipeline  # noqa: E402
+from helpers import served_app  # noqa: E402
 from difflora.webui import (  # noqa: E402
     SLOT_COUNT,
     AdapterLibrary,
@@ -31,7 +31,6 @@ from difflora.webui import (  # noqa: E402
     TrainingJob,
     TrainRequest,
     WebUISession,
-    build_app,
     parse_prompt_loras,
 )
 
@@ -59,16 +58,8 @@ def session(lora_dir, tiny_model_dir):
 @pytest.fixture(scope="module")
 def client(session, tmp_path_factory):
     """The page served in this process on a free port of 127.0.0.1, and a gradio_client connected to it."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    app = build_app(session)
-    app.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, ssr_mode=False, quiet=True)
-    try:
-        yield Client(f"http://127.0.0.1:{port}/", verbose=False, analytics_enabled=False,
-                     download_files=str(tmp_path_factory.mktemp("downloads")))
-    finally:
-        app.close()
+    with served_app(session) as url:
+        yield Client(url, verbose=False, analytics_enabled=False, download_files=str(tmp_path_factory.mktemp("downloads")))
 
 
 def generate_form(prompt=PROMPT, slots=(), steps=3, seed=7, fuse=False, scheduler=webui.MODEL_SCHEDULER):

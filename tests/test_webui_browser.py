@@ -10,7 +10,6 @@ import os
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import shutil  # noqa: E402
-import socket  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -31,22 +30,16 @@ if CHROMIUM is None:
 
 @pytest.fixture(scope="module")
 def served(tiny_model_dir, tmp_path_factory):
-    from difflora.webui import WebUISession, build_app
+    from difflora.webui import WebUISession
+    from helpers import served_app
 
     lora_dir = tmp_path_factory.mktemp("browser-loras")
     runtime = LoRARuntime.attach(load_pipeline(tiny_model_dir, quiet=True))
     runtime.create_adapter("inkstyle", rank=4, alpha=4.0, init="random", seed=3)
     runtime.save("inkstyle", lora_dir / "inkstyle.safetensors")
     session = WebUISession(load_pipeline(tiny_model_dir, quiet=True), lora_dir, model_label="tiny")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    app = build_app(session)
-    app.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, ssr_mode=False, quiet=True)
-    try:
-        yield session, f"http://127.0.0.1:{port}/"
-    finally:
-        app.close()
+    with served_app(session) as url:
+        yield session, url
 
 
 def test_type_prompt_move_slider_generate_and_see_an_image(served):
