@@ -269,6 +269,14 @@ _KOHYA_UNET_MODULE = re.compile(
     r"^(?:(down_blocks|up_blocks)_(\d+)_|(mid_block)_)attentions_(\d+)_transformer_blocks_(\d+)_(attn1|attn2)_"
     r"(to_q|to_k|to_v|to_out_0)$"
 )
+# SDXL files name UNet blocks in the original layout: input_blocks_I_1 / middle_block_1 / output_blocks_J_1 hold the
+# attention of down block (I-1)//3 (layer (I-1)%3), the mid block, and up block J//3 (attention J%3): SDXL has
+# two layers per down block plus a downsampler (three slots) and three per up block.
+_KOHYA_SDXL_UNET_MODULE = re.compile(
+    r"^(?:(input_blocks|output_blocks)_(\d+)_1|(middle_block)_1)_transformer_blocks_(\d+)_(attn1|attn2)_"
+    r"(to_q|to_k|to_v|to_out_0)$"
+)
+_SDXL_SLOTS_PER_BLOCK = 3
 _KOHYA_TEXT_MODULE = re.compile(r"^(?:text_model_)?encoder_layers_(\d+)_self_attn_(q_proj|k_proj|v_proj|out_proj)$")
 _KOHYA_COMPONENT = {"lora_unet": "unet", "lora_te": "text_encoder", "lora_te1": "text_encoder", "lora_te2": "text_encoder_2"}
 
@@ -279,7 +287,7 @@ def _kohya_module_key(prefix: str, name: str) -> str | None:
     if component == "unet":
         match = _KOHYA_UNET_MODULE.match(name)
         if not match:
-            return None
+            return _kohya_sdxl_module_key(name)
         kind, index, mid, attention, block, attn, projection = match.groups()
         where = f"{kind}.{index}" if kind else mid
         projection = "to_out.0" if projection == "to_out_0" else projection
@@ -289,6 +297,24 @@ def _kohya_module_key(prefix: str, name: str) -> str | None:
         return None
     layer, projection = match.groups()
     return f"{component}.encoder.layers.{layer}.self_attn.{projection}"
+
+
+def _kohya_sdxl_module_key(name: str) -> str | None:
+    """``input_blocks_4_1_transformer_blocks_0_attn1_to_q`` → ``unet.down_blocks.1.attentions.0.…``; else ``None``."""
+    match = _KOHYA_SDXL_UNET_MODULE.match(name)
+    if not match:
+        return None
+    kind, index, middle, block, attn, projection = match.groups()
+    if middle:
+        where = "mid_block.attentions.0"
+    elif kind == "input_blocks":
+        slot = int(index) - 1  # input_blocks_0 is conv_in
+        where = f"down_blocks.{slot // _SDXL_SLOTS_PER_BLOCK}.attentions.{slot % _SDXL_SLOTS_PER_BLOCK}"
+    else:
+        slot = int(index)
+        where = f"up_blocks.{slot // _SDXL_SLOTS_PER_BLOCK}.attentions.{slot % _SDXL_SLOTS_PER_BLOCK}"
+    projection = "to_out.0" if projection == "to_out_0" else projection
+    return f"unet.{where}.transformer_blocks.{block}.{attn}.{projection}"
 
 
 def _parse_kohya(tensors: dict[str, torch.Tensor], header: dict[str, str], source: str) -> AdapterState:

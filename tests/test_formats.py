@@ -305,3 +305,28 @@ def test_written_files_get_the_usual_permissions(pipe, tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
+
+
+def test_kohya_sdxl_keys_map_to_diffusers_modules():
+    """SDXL kohya files name UNet blocks in the original layout; the attention modules map onto diffusers' names
+    (SDXL: down blocks 1-2 and up blocks 0-1 hold attention, two layers down and three up, ten transformer blocks)."""
+    cases = {
+        "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q": "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q",
+        "lora_unet_input_blocks_5_1_transformer_blocks_1_attn2_to_k": "unet.down_blocks.1.attentions.1.transformer_blocks.1.attn2.to_k",
+        "lora_unet_input_blocks_8_1_transformer_blocks_9_attn1_to_out_0": "unet.down_blocks.2.attentions.1.transformer_blocks.9.attn1.to_out.0",
+        "lora_unet_middle_block_1_transformer_blocks_3_attn2_to_v": "unet.mid_block.attentions.0.transformer_blocks.3.attn2.to_v",
+        "lora_unet_output_blocks_0_1_transformer_blocks_0_attn1_to_q": "unet.up_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q",
+        "lora_unet_output_blocks_5_1_transformer_blocks_1_attn2_to_out_0": "unet.up_blocks.1.attentions.2.transformer_blocks.1.attn2.to_out.0",
+        "lora_te2_text_model_encoder_layers_31_self_attn_out_proj": "text_encoder_2.encoder.layers.31.self_attn.out_proj",
+        "lora_te1_text_model_encoder_layers_0_self_attn_q_proj": "text_encoder.encoder.layers.0.self_attn.q_proj",
+    }
+    tensors = {}
+    for name in cases:
+        tensors[f"{name}.lora_down.weight"] = torch.ones(4, 8)
+        tensors[f"{name}.lora_up.weight"] = torch.ones(8, 4)
+        tensors[f"{name}.alpha"] = torch.tensor(2.0)
+    tensors["lora_unet_input_blocks_4_0_in_layers_2.lora_down.weight"] = torch.ones(4, 8, 3, 3)  # a resnet conv
+    state = formats.parse_state_dict(tensors, {}, source="sdxl.safetensors")
+    assert set(state.modules) == set(cases.values())
+    assert state.skipped == ["lora_unet_input_blocks_4_0_in_layers_2.lora_down.weight"]
+    assert all(module.alpha == 2.0 for module in state.modules.values())
