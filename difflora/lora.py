@@ -77,6 +77,18 @@ class LoRAFactors(nn.Module):
         nn.init.kaiming_uniform_(self.down, a=math.sqrt(5))
         nn.init.zeros_(self.up)
 
+    def _apply(self, fn, recurse: bool = True):
+        # Keep the factors' dtype (fp32) when the model around them is cast (pipe.to(torch.float16), .half()): the
+        # delta is computed in fp32 and cast once (peft and diffusers keep trainable LoRA weights fp32 the same way).
+        # Device moves still apply.
+        def same_dtype(tensor: torch.Tensor) -> torch.Tensor:
+            converted = fn(tensor)
+            if tensor.is_floating_point() and converted.dtype != tensor.dtype:
+                return tensor.to(device=converted.device)  # the move without the cast: no rounding
+            return converted
+
+        return super()._apply(same_dtype, recurse)
+
     @classmethod
     def from_tensors(
         cls, down: torch.Tensor, up: torch.Tensor, alpha: float | None = None, use_rslora: bool = False

@@ -254,3 +254,17 @@ def test_a_load_that_fails_midway_changes_nothing(pipe, monkeypatch):
         runtime.add_adapter("kept", state, weight=1.0, replace_existing=True)
     assert list(runtime.adapters) == ["kept"] and runtime.adapters["kept"].weight == 0.5 and runtime.fused
     assert (image(pipe) == before).all()
+
+
+def test_factors_stay_fp32_when_the_pipeline_is_cast(pipe):
+    runtime = LoRARuntime.attach(pipe)
+    runtime.add_adapter("a", random_adapter(pipe, 4, 8, seed=13), weight=0.7)
+    fp32_image = image(pipe)
+    factors = [p.detach().clone() for p in runtime.parameters("a")]
+    pipe.to(torch.bfloat16)
+    assert pipe.unet.dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for p in runtime.parameters("a"))
+    bf16_image = image(pipe)
+    assert abs(bf16_image - fp32_image).max() < 0.1  # bf16 rounding only
+    pipe.to(torch.float32)  # the base weights were rounded to bf16 and stay so; the factors were never rounded
+    assert all(torch.equal(p, kept) for p, kept in zip(runtime.parameters("a"), factors))
