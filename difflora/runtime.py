@@ -46,6 +46,7 @@ logger = logging.getLogger("difflora")
 
 _TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 _HOST_ATTRIBUTE = "difflora_lora"  # where a CLIP attention block keeps its LoRA processor
+_STANDARD_PROCESSORS = ("AttnProcessor2_0", "AttnProcessor")
 
 
 @dataclass(frozen=True)
@@ -125,14 +126,16 @@ class LoRARuntime:
         if self._processors:
             return
         unet = self.components["unet"]
-        # Build every processor first (a block whose sizes do not fit raises here), then change the model.
+        # Build every processor first (a block whose sizes do not fit raises here), then change the model. Blocks
+        # running another processor (IP-Adapter, custom attention) keep it and take no LoRA.
         built = {}
         for site_key, (site, attn) in self._sites.items():
-            built[site_key] = (LoRAAttnProcessor if site.component == "unet" else CLIPLoRAAttnProcessor)(site, attn)
+            if self._takes_lora(site_key):
+                built[site_key] = (LoRAAttnProcessor if site.component == "unet" else CLIPLoRAAttnProcessor)(site, attn)
         originals = dict(unet.attn_processors)
-        unet.set_attn_processor(
-            {f"{self._sites[key][0].path}.processor": p for key, p in built.items() if isinstance(p, LoRAAttnProcessor)}
-        )
+        unet.set_attn_processor({
+            name: built.get(f"unet.{name.removesuffix('.processor')}", processor) for name, processor in originals.items()
+        })
         for site_key, processor in built.items():
             if isinstance(processor, CLIPLoRAAttnProcessor):
                 attn = self._sites[site_key][1]
@@ -141,6 +144,14 @@ class LoRARuntime:
                 processor.install(attn)
         self._original_unet_processors = originals
         self._processors = built
+
+    def _takes_lora(self, site_key: str) -> bool:
+        """Whether difflora can host LoRA on this block: CLIP attention, or a UNet block on diffusers' standard
+        attention (another processor, e.g. IP-Adapter's, computes something difflora's processor would not)."""
+        site, attn = self._sites[site_key]
+        if site.component != "unet" or site_key in self._processors:
+            return True
+        return type(attn.processor).__name__ in _STANDARD_PROCESSORS
 
     def _uninstall(self) -> None:
         if not self._processors:
@@ -189,7 +200,12 @@ class LoRARuntime:
             site_key = f"{component}.{path}"
             if site_key not in self._sites:
                 raise AdapterShapeError(f"{source}: module {module_key!r} is not an attention projection of this model")
-            site, _ = self._sites[site_key]
+            site, attn = self._sites[site_key]
+            if not self._takes_lora(site_key):
+                raise AdapterShapeError(
+                    f"{source}: {component}.{path} runs {type(attn.processor).__name__}, not diffusers' standard "
+                    "attention; difflora does not put LoRA there"
+                )
             projections = UNET_PROJECTIONS if component == "unet" else CLIP_PROJECTIONS
             in_features, out_features = site.projection_shapes(projections)[projection]
             expected_down, expected_up = (weights.rank, in_features), (out_features, weights.rank)
@@ -307,7 +323,7 @@ class LoRARuntime:
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         modules = {}
         for site_key, (site, _) in self._sites.items():
-            if site.component not in components:
+            if site.component not in components or not self._takes_lora(site_key):
                 continue
             projections = UNET_PROJECTIONS if site.component == "unet" else CLIP_PROJECTIONS
             for projection, (in_features, out_features) in site.projection_shapes(projections).items():

@@ -268,3 +268,27 @@ def test_factors_stay_fp32_when_the_pipeline_is_cast(pipe):
     assert abs(bf16_image - fp32_image).max() < 0.1  # bf16 rounding only
     pipe.to(torch.float32)  # the base weights were rounded to bf16 and stay so; the factors were never rounded
     assert all(torch.equal(p, kept) for p, kept in zip(runtime.parameters("a"), factors))
+
+
+def test_blocks_with_other_processors_keep_them(pipe):
+    class CustomAttention(AttnProcessor2_0):  # stands for IP-Adapter's or any other special processor
+        pass
+
+    name = next(iter(pipe.unet.attn_processors))
+    custom = CustomAttention()
+    processors = dict(pipe.unet.attn_processors)
+    processors[name] = custom
+    pipe.unet.set_attn_processor(processors)  # (diffusers empties the dict it is given)
+    state = random_adapter(pipe, 2, 2, seed=14, components=("unet",))  # created on the standard blocks only
+    block = name.removesuffix(".processor")
+    assert not any(key.startswith(f"unet.{block}.") for key in state.modules)
+
+    runtime = LoRARuntime.attach(pipe)
+    runtime.add_adapter("a", state)
+    assert pipe.unet.attn_processors[name] is custom
+    assert sum(isinstance(p, LoRAAttnProcessor) for p in pipe.unet.attn_processors.values()) == len(pipe.unet.attn_processors) - 1
+    there = AdapterState(modules={f"unet.{block}.to_q": next(iter(state.modules.values()))})
+    with pytest.raises(AdapterShapeError, match="runs CustomAttention"):
+        runtime.add_adapter("there", there)
+    runtime.remove_all()
+    assert pipe.unet.attn_processors[name] is custom
