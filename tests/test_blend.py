@@ -28,6 +28,7 @@ def pipe(tiny_model_dir):
     return load_pipeline(tiny_model_dir, quiet=True)
 
 
+@pytest.mark.filterwarnings("ignore:Already found a `peft_config`:UserWarning")  # two adapters on purpose
 def test_concat_equals_diffusers_set_adapters(pipe, tiny_model_dir, tmp_path):
     a = random_adapter(pipe, rank=4, alpha=8, seed=1)
     b = random_adapter(pipe, rank=2, alpha=1, seed=2)
