@@ -165,8 +165,9 @@ def train(config: TrainConfig, progress=None) -> TrainingResult:
             text_encoder.gradient_checkpointing_enable()
 
     # 4. Optimizer and schedule. Parameters alternate down, up per projection (runtime.parameters' order).
-    unet_params = [p for p in runtime.parameters(config.name) if _belongs_to(p, unet)]
-    text_params = [p for p in runtime.parameters(config.name) if _belongs_to(p, text_encoder)]
+    unet_ids = {id(p) for p in unet.parameters()}
+    unet_params = [p for p in runtime.parameters(config.name) if id(p) in unet_ids]
+    text_params = [p for p in runtime.parameters(config.name) if id(p) not in unet_ids]
     groups = lora_parameter_groups(
         [(unet_params, config.lr), (text_params, config.text_encoder_lr or config.lr)],
         loraplus_ratio=config.loraplus_ratio,
@@ -316,10 +317,6 @@ def train(config: TrainConfig, progress=None) -> TrainingResult:
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return TrainingResult(adapter_path, step, losses, last_checkpoint=last_checkpoint)
-
-
-def _belongs_to(parameter: torch.nn.Parameter, module: torch.nn.Module) -> bool:
-    return any(parameter is p for p in module.parameters())
 
 
 def adapter_metadata(config: TrainConfig, pipe) -> dict[str, str]:
