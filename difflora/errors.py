@@ -6,6 +6,8 @@ it is (``difflora: error: <message>``) and exit with code 2.
 
 from __future__ import annotations
 
+import math
+
 
 class DiffloraError(Exception):
     """Base class of every error difflora raises for bad input; its message is one line."""
@@ -29,3 +31,14 @@ class ModelLoadError(DiffloraError):
 
 class FuseError(DiffloraError):
     """Fusing would write NaN or inf into a base weight (the mix is too large for the weight's precision)."""
+
+
+def finite_number(value, what: str) -> float:
+    """``value`` as a finite float, or :class:`InvalidArgumentError` naming ``what`` (an option, a form field)."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise InvalidArgumentError(f"{what} must be a number, got {value!r}") from None
+    if not math.isfinite(number):
+        raise InvalidArgumentError(f"{what} must be a finite number, got {value!r}")
+    return number

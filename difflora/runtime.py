@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from .blocks import BlockWeights
-from .errors import AdapterFileError, AdapterShapeError, InvalidArgumentError
+from .errors import AdapterFileError, AdapterShapeError, InvalidArgumentError, finite_number
 from .formats import AdapterState, LoRAModuleWeights, read_adapter, split_module_key, write_adapter
 from .lora import LoRAFactors
 from .processors import (
@@ -247,7 +247,7 @@ class LoRARuntime:
             if strict:
                 raise AdapterFileError(f"{where}: {len(state.skipped)} keys difflora cannot apply (strict): {listed}")
             logger.warning("%s: %d keys difflora cannot apply were not loaded: %s", where, len(state.skipped), listed)
-        weight = _as_weight(weight, f"weight of {name!r}")
+        weight = finite_number(weight, f"weight of {name!r}")
         placement = self._check_fits(state, where)
         # Every factor is built before the model changes, so a failure here (bad values, out of memory) changes nothing.
         built = []
@@ -343,7 +343,7 @@ class LoRARuntime:
     def set_weight(self, name: str, weight: float) -> None:
         """Set one adapter's weight: a float on each branch, no file is read."""
         info = self._info(name)
-        weight = _as_weight(weight, f"weight of {name!r}")
+        weight = finite_number(weight, f"weight of {name!r}")
         with self._changing():
             self._adapters[name] = replace(info, weight=weight)
             self._refresh_multipliers(name)
@@ -353,7 +353,7 @@ class LoRARuntime:
             self._info(name)
         with self._changing():
             for name, weight in weights.items():
-                self._adapters[name] = replace(self._adapters[name], weight=_as_weight(weight, f"weight of {name!r}"))
+                self._adapters[name] = replace(self._adapters[name], weight=finite_number(weight, f"weight of {name!r}"))
                 self._refresh_multipliers(name)
 
     def set_block_weights(self, name: str, block_weights: BlockWeights) -> None:
@@ -485,16 +485,6 @@ class LoRARuntime:
     def save(self, name: str, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:
         """Write adapter ``name`` to a ``.safetensors`` file that difflora and plain diffusers load."""
         return write_adapter(self.adapter_state(name), path, metadata)
-
-
-def _as_weight(value, what: str) -> float:
-    try:
-        weight = float(value)
-    except (TypeError, ValueError):
-        raise InvalidArgumentError(f"{what} must be a number, got {value!r}") from None
-    if weight != weight or weight in (float("inf"), float("-inf")):
-        raise InvalidArgumentError(f"{what} must be a finite number, got {value!r}")
-    return weight
 
 
 def _name_from_path(path: Path) -> str:

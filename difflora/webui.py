@@ -28,7 +28,6 @@ import dataclasses
 import functools
 import json
 import logging
-import math
 import os
 import random
 import re
@@ -44,7 +43,7 @@ from typing import TYPE_CHECKING, Any
 from ._files import atomic_path
 from .blend import BLEND_METHODS, BlendResult, blend
 from .blocks import BlockWeights
-from .errors import AdapterFileError, DiffloraError, InvalidArgumentError
+from .errors import AdapterFileError, DiffloraError, InvalidArgumentError, finite_number
 from .formats import WRITE_LAYOUTS, AdapterState, describe_adapter, read_adapter, write_adapter
 from .generate import AdapterUse, GenerationSettings, generate, save_png
 from .runtime import LoRARuntime
@@ -279,16 +278,6 @@ def _as_int(value: Any, option: str, minimum: int = 0) -> int:
     return int(number)
 
 
-def _as_float(value: Any, option: str) -> float:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise InvalidArgumentError(f"{option} must be a number, got {value!r}") from None
-    if not math.isfinite(number):
-        raise InvalidArgumentError(f"{option} must be a finite number, got {value!r}")
-    return number
-
-
 @dataclass
 class GenerateRequest:
     """Everything the Generate tab sends. ``width``/``height`` 0 mean the model's native size."""
@@ -323,12 +312,12 @@ class GenerateRequest:
             start = len(cls.FORM_FIELDS) + index * len(cls.SLOT_FIELDS)
             file, weight, enabled, blocks = values[start:start + len(cls.SLOT_FIELDS)]
             if file:
-                slots.append(AdapterSlot(str(file), _as_float(weight, f"weight of adapter {index + 1}"), bool(enabled), blocks or ""))
+                slots.append(AdapterSlot(str(file), finite_number(weight, f"weight of adapter {index + 1}"), bool(enabled), blocks or ""))
         return cls(
             prompt=form["prompt"] or "",
             negative_prompt=form["negative_prompt"] or "",
             steps=_as_int(form["steps"], "steps", 1),
-            guidance=_as_float(form["guidance"], "guidance"),
+            guidance=finite_number(form["guidance"], "guidance"),
             seed=_as_int(form["seed"] or 0, "seed"),
             random_seed=bool(form["random_seed"]),
             width=_as_int(form["width"] or 0, "width"),
@@ -368,13 +357,13 @@ class BlendRequest:
         if len(values) != expected:
             raise InvalidArgumentError(f"the Blend form sends {expected} values, got {len(values)}")
         pairs = [
-            (str(values[2 * i]), _as_float(values[2 * i + 1], f"blend weight {i + 1}"))
+            (str(values[2 * i]), finite_number(values[2 * i + 1], f"blend weight {i + 1}"))
             for i in range(SLOT_COUNT)
             if values[2 * i]
         ]
         method, rank, density = values[2 * SLOT_COUNT:]
         rank = _as_int(rank or 0, "rank")
-        return cls(pairs, method or "concat", rank or None, _as_float(density, "density"))
+        return cls(pairs, method or "concat", rank or None, finite_number(density, "density"))
 
 
 @dataclass
@@ -493,7 +482,7 @@ class WebUISession:
                    if slot.block_weights and slot.block_weights.strip() else BlockWeights()) for slot in slots]
         for slot, block_weights in parsed:
             self.library.path_of(slot.file)  # refuse bad names before anything changes
-            _as_float(slot.weight, f"weight of {slot.file}")
+            finite_number(slot.weight, f"weight of {slot.file}")
         if BLEND_PREVIEW_ADAPTER in self.runtime.adapters:
             self.runtime.remove(BLEND_PREVIEW_ADAPTER)
         for slot, block_weights in parsed:
@@ -772,8 +761,8 @@ class TrainingJob:
             "name": name,
             "steps": _as_int(request.steps, "steps", 1),
             "rank": _as_int(request.rank, "rank", 1),
-            "alpha": _as_float(request.alpha, "alpha") if request.alpha else None,
-            "lr": _as_float(request.lr, "learning rate"),
+            "alpha": finite_number(request.alpha, "alpha") if request.alpha else None,
+            "lr": finite_number(request.lr, "learning rate"),
             "batch_size": _as_int(request.batch_size, "batch size", 1),
             "resolution": _as_int(request.resolution, "resolution") or self.native_size or 512,
             "trigger_word": (request.trigger_word or "").strip() or None,
