@@ -163,7 +163,8 @@ class LoRAAttnProcessor(_LoRAAttentionHost):
     """Attention for a diffusers ``Attention`` block with LoRA on ``to_q``, ``to_k``, ``to_v`` and ``to_out.0``.
 
     The computation is diffusers' ``AttnProcessor2_0`` (``scaled_dot_product_attention``), with each projection
-    ``p(x)`` replaced by ``p(x) + Σ m s B A x``. With no active adapter it gives the same numbers as that processor.
+    ``p(x)`` replaced by ``p(x) + Σ m s B A x`` (:meth:`MultiLoRA.linear`). With no active adapter it gives the same
+    numbers as that processor.
     """
 
     projections = UNET_PROJECTIONS
@@ -196,15 +197,15 @@ class LoRAAttnProcessor(_LoRAAttentionHost):
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
 
-        query = _with_delta(attn.to_q(hidden_states), self.branch("to_q"), hidden_states)
+        query = self.branch("to_q").linear(attn.to_q, hidden_states)
 
         if encoder_hidden_states is None:
             encoder_hidden_states = hidden_states
         elif attn.norm_cross:
             encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
 
-        key = _with_delta(attn.to_k(encoder_hidden_states), self.branch("to_k"), encoder_hidden_states)
-        value = _with_delta(attn.to_v(encoder_hidden_states), self.branch("to_v"), encoder_hidden_states)
+        key = self.branch("to_k").linear(attn.to_k, encoder_hidden_states)
+        value = self.branch("to_v").linear(attn.to_v, encoder_hidden_states)
 
         inner_dim = key.shape[-1]
         head_dim = inner_dim // attn.heads
@@ -223,7 +224,7 @@ class LoRAAttnProcessor(_LoRAAttentionHost):
         hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
         hidden_states = hidden_states.to(query.dtype)
 
-        hidden_states = _with_delta(attn.to_out[0](hidden_states), self.branch("to_out.0"), hidden_states)
+        hidden_states = self.branch("to_out.0").linear(attn.to_out[0], hidden_states)
         hidden_states = attn.to_out[1](hidden_states)  # dropout
 
         if input_ndim == 4:

@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from difflora.errors import FuseError, InvalidArgumentError
-from difflora.lora import LoRAFactors, MultiLoRA, lora_scale
+import difflora.lora as lora_module
+from difflora.lora import LoRAFactors, MultiLoRA, lora_scale, merged_form_is_cheaper
 
 
 def random_factors(in_features, out_features, rank, alpha, seed, use_rslora=False):
@@ -136,3 +137,78 @@ def test_shape_mismatch_names_both_shapes():
     branch = MultiLoRA(6, 4)
     with pytest.raises(InvalidArgumentError, match="6→4"):
         branch.add("a", LoRAFactors(5, 4, rank=2))
+
+
+def _two_adapter_branch(trainable: bool) -> tuple[nn.Linear, MultiLoRA, LoRAFactors, LoRAFactors]:
+    torch.manual_seed(0)
+    layer = nn.Linear(16, 8)
+    layer.requires_grad_(False)
+    branch = MultiLoRA(16, 8)
+    a, b = random_factors(16, 8, 4, 8, seed=8), random_factors(16, 8, 2, 2, seed=9, use_rslora=True)
+    for factors in (a, b):
+        factors.requires_grad_(trainable)
+    branch.add("a", a, multiplier=0.7)
+    branch.add("b", b, multiplier=-0.3)
+    return layer, branch, a, b
+
+
+@pytest.mark.parametrize("form", ["merged", "factored"])
+def test_both_forms_of_linear_equal_the_merged_weight_and_give_the_same_gradients(monkeypatch, form):
+    # The allowance decides the form: huge → always merged, 0 → always factored.
+    monkeypatch.setattr(lora_module, "MERGED_FLOPS_ALLOWANCE", 1e9 if form == "merged" else 0.0)
+    layer, branch, a, b = _two_adapter_branch(trainable=True)
+    x = torch.randn(3, 5, 16, requires_grad=True)
+    target = torch.randn(3, 5, 8)
+    merged_weight = layer.weight + 0.7 * a.delta_weight() - 0.3 * b.delta_weight()
+    expected = x @ merged_weight.t() + layer.bias
+    (expected * target).sum().backward()
+    expected_grads = [t.grad.clone() for t in (x, a.down, a.up, b.down, b.up)]
+    for t in (x, a.down, a.up, b.down, b.up):
+        t.grad = None
+
+    out = branch.linear(layer, x)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
+    (out * target).sum().backward()
+    for got, want in zip((x.grad, a.down.grad, a.up.grad, b.down.grad, b.up.grad), expected_grads):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("form", ["merged", "factored"])
+def test_linear_without_gradients_matches_fused_layer(monkeypatch, form):
+    monkeypatch.setattr(lora_module, "MERGED_FLOPS_ALLOWANCE", 1e9 if form == "merged" else 0.0)
+    layer, branch, _, _ = _two_adapter_branch(trainable=False)
+    x = torch.randn(4, 16)
+    with torch.no_grad():
+        unfused = branch.linear(layer, x)
+        branch.fuse(layer)
+        fused = branch.linear(layer, x)  # fused: the plain layer
+        branch.unfuse(layer)
+        branch.set_multiplier("a", 0.0)
+        branch.set_multiplier("b", 0.0)
+        assert torch.equal(branch.linear(layer, x), layer(x))  # nothing active: the plain layer
+    torch.testing.assert_close(fused, unfused, rtol=0, atol=1e-5)
+
+
+def test_layers_with_hooks_keep_their_own_forward(monkeypatch):
+    monkeypatch.setattr(lora_module, "MERGED_FLOPS_ALLOWANCE", 1e9)  # merged would be chosen for a plain layer
+    layer, branch, a, b = _two_adapter_branch(trainable=False)
+    calls = []
+    layer.register_forward_pre_hook(lambda module, inputs: calls.append(1))  # e.g. accelerate's offload hook
+    x = torch.randn(4, 16)
+    with torch.no_grad():
+        out = branch.linear(layer, x)
+    assert calls == [1]
+    expected = x @ (layer.weight + 0.7 * a.delta_weight() - 0.3 * b.delta_weight()).t() + layer.bias
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
+
+
+def test_merged_form_is_chosen_where_it_does_less_work():
+    # Many tokens through a small layer: building W + ΔW once beats two rank-wide matmuls over every token.
+    assert merged_form_is_cheaper(tokens=8192, in_features=320, out_features=320, rank=8, with_gradients=False)
+    # Training adds a weight-sized gradient per layer: too dear for wide layers at a low rank (SD 1.5's 1280-wide
+    # blocks), worth it for narrow layers or high ranks.
+    assert not merged_form_is_cheaper(tokens=512, in_features=1280, out_features=1280, rank=8, with_gradients=True)
+    assert merged_form_is_cheaper(tokens=1024, in_features=32, out_features=32, rank=8, with_gradients=True)
+    assert merged_form_is_cheaper(tokens=8192, in_features=320, out_features=320, rank=128, with_gradients=True)
+    # Few tokens, a wide layer (text-encoder states into cross-attention): factored.
+    assert not merged_form_is_cheaper(tokens=77, in_features=768, out_features=320, rank=8, with_gradients=True)
