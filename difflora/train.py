@@ -210,12 +210,8 @@ def train(config: TrainConfig, progress=None) -> TrainingResult:
 
     cache_keys: dict[int, str] = {}  # a file is hashed once per run, not once per step
 
-    def latents_and_captions(indices: list[int]) -> tuple[torch.Tensor, list[str]]:
-        """The batch's latents and captions. Images are loaded only for latents not in the cache yet."""
-        captions = [dataset.caption(i) for i in indices]
-        if latent_cache is None:
-            pixels = datasets.collate_batch([dataset[i] for i in indices])["pixel_values"]
-            return encode_latents(vae, pixels).to(accelerator.device), captions
+    def cached_latents(indices: list[int]) -> list[torch.Tensor]:
+        """Latents of ``indices`` (one bucket) from the cache; the images of those not cached yet are encoded."""
         for i in indices:
             if i not in cache_keys:
                 path, bucket = dataset.items[i].path, dataset.bucket_per_index[i]
@@ -225,7 +221,27 @@ def train(config: TrainConfig, progress=None) -> TrainingResult:
             pixels = datasets.collate_batch([dataset[i] for i in missing])["pixel_values"]
             for i, latent in zip(missing, encode_latents(vae, pixels)):
                 latent_cache.put(cache_keys[i], latent.cpu())
-        return torch.stack([latent_cache.get(cache_keys[i]) for i in indices]).to(accelerator.device), captions
+        return [latent_cache.get(cache_keys[i]) for i in indices]
+
+    def latents_and_captions(indices: list[int]) -> tuple[torch.Tensor, list[str]]:
+        """The batch's latents and captions. Images are loaded only for latents not in the cache yet."""
+        captions = [dataset.caption(i) for i in indices]
+        if latent_cache is None:
+            pixels = datasets.collate_batch([dataset[i] for i in indices])["pixel_values"]
+            return encode_latents(vae, pixels).to(accelerator.device), captions
+        return torch.stack(cached_latents(indices)).to(accelerator.device), captions
+
+    if latent_cache is not None:
+        # Fill the cache before the first step, so the VAE never runs inside the loop. With a disk cache each process
+        # encodes its share and reads the others' files; a memory cache is per process, so each encodes all.
+        shared = isinstance(latent_cache, datasets.LatentDiskCache)
+        for chunk in tqdm(
+            _bucket_chunks(dataset.bucket_per_index, config.batch_size, accelerator.process_index if shared else 0,
+                           accelerator.num_processes if shared else 1),
+            disable=not accelerator.is_local_main_process, desc="caching latents", unit="batch", leave=False,
+        ):
+            cached_latents(chunk)
+        accelerator.wait_for_everyone()
 
     # 7. Resume.
     first_step = checkpoints.resume() if config.resume else 0
@@ -317,6 +333,16 @@ def train(config: TrainConfig, progress=None) -> TrainingResult:
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return TrainingResult(adapter_path, step, losses, last_checkpoint=last_checkpoint)
+
+
+def _bucket_chunks(bucket_per_index: list, batch_size: int, process_index: int, num_processes: int) -> list[list[int]]:
+    """Dataset indices in groups of at most ``batch_size`` images of one bucket; process ``process_index`` of
+    ``num_processes`` takes every ``num_processes``-th group."""
+    by_bucket: dict = {}
+    for index, bucket in enumerate(bucket_per_index):
+        by_bucket.setdefault(bucket, []).append(index)
+    chunks = [indices[start:start + batch_size] for indices in by_bucket.values() for start in range(0, len(indices), batch_size)]
+    return chunks[process_index::num_processes]
 
 
 def adapter_metadata(config: TrainConfig, pipe) -> dict[str, str]:
