@@ -169,8 +169,12 @@ def build_optimizer(groups: list[dict], name: str, weight_decay: float) -> torch
         return bitsandbytes.optim.AdamW8bit(groups, weight_decay=weight_decay)
     if name != "adamw":
         raise InvalidArgumentError(f"--optimizer {name!r} is not adamw or adamw8bit")
-    # foreach: one fused update over all the small LoRA tensors instead of a Python loop over them (CPU included).
-    return torch.optim.AdamW(groups, weight_decay=weight_decay, foreach=True)
+    # fused: one kernel updates all the small LoRA tensors (CPU and GPU), instead of a Python loop over them; foreach
+    # (one op per step of the update over all tensors) where the device has no fused AdamW.
+    try:
+        return torch.optim.AdamW(groups, weight_decay=weight_decay, fused=True)
+    except RuntimeError:
+        return torch.optim.AdamW(groups, weight_decay=weight_decay, foreach=True)
 
 
 def held_out_loss(
