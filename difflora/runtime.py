@@ -29,7 +29,7 @@ from torch import nn
 from .blocks import BlockWeights
 from .errors import AdapterFileError, AdapterShapeError, InvalidArgumentError, finite_number
 from .formats import AdapterState, LoRAModuleWeights, read_adapter, split_module_key, write_adapter
-from .lora import LoRAFactors
+from .lora import LoRAFactors, initial_down
 from .processors import (
     CLIP_PROJECTIONS,
     UNET_PROJECTIONS,
@@ -310,8 +310,9 @@ class LoRARuntime:
     ) -> AdapterInfo:
         """A new adapter on every attention projection of ``components``, trainable (fp32, ``requires_grad``).
 
-        ``init="zeros"`` starts with ``up = 0`` (no change to the model, LoRA's own choice); ``init="random"`` draws
-        ``up`` too, which tests use to get an adapter that changes the output.
+        ``init="zeros"`` starts training: ``down`` from :func:`~difflora.lora.initial_down`, ``up = 0`` (no change to
+        the model, LoRA's own choice). ``init="random"`` draws both factors as ``nn.Linear`` draws a weight (uniform in
+        ±1/sqrt(fan_in)), which tests and benchmarks use to get an adapter that changes the output.
         """
         if not isinstance(rank, int) or rank <= 0:
             raise InvalidArgumentError(f"rank must be a positive integer, got {rank!r}")
@@ -327,11 +328,10 @@ class LoRARuntime:
                 continue
             projections = UNET_PROJECTIONS if site.component == "unet" else CLIP_PROJECTIONS
             for projection, (in_features, out_features) in site.projection_shapes(projections).items():
-                bound = 1.0 / in_features**0.5  # Kaiming-uniform with a=sqrt(5), as nn.Linear and LoRA use
-                down = (torch.rand(rank, in_features, generator=generator) * 2 - 1) * bound
                 if init == "zeros":
-                    up = torch.zeros(out_features, rank)
-                else:
+                    down, up = initial_down(rank, in_features, generator), torch.zeros(out_features, rank)
+                else:  # both factors as nn.Linear initialises its weight: uniform in ±1/sqrt(fan_in)
+                    down = (torch.rand(rank, in_features, generator=generator) * 2 - 1) / in_features**0.5
                     up = (torch.rand(out_features, rank, generator=generator) * 2 - 1) / rank**0.5
                 modules[f"{site_key}.{projection}"] = LoRAModuleWeights(down, up, float(alpha or rank), use_rslora)
         info = self.add_adapter(name, AdapterState(modules=modules))
