@@ -267,7 +267,10 @@ def train(config: TrainConfig, progress=None) -> TrainingResult:
                 with accelerator.accumulate(*trained):
                     latents, captions = latents_and_captions(indices[rank * local_batch:(rank + 1) * local_batch])
                     # Noise for the whole global batch from the shared generator; this process takes its slice.
-                    draw = draw_noise((len(indices), *latents.shape[1:]), noise_scheduler.config.num_train_timesteps, random_state.generator, config.noise_offset)
+                    draw = draw_noise(
+                        (len(indices), *latents.shape[1:]), noise_scheduler.config.num_train_timesteps,
+                        random_state.generator, config.noise_offset, config.timestep_sampling,
+                    )
                     part = slice(rank * local_batch, rank * local_batch + latents.shape[0])
                     noise, timesteps = draw.noise[part].to(accelerator.device), draw.timesteps[part].to(accelerator.device)
                     noisy = noise_scheduler.add_noise(latents, noise, timesteps)

@@ -76,6 +76,12 @@ class TrainConfig:
     # Objective
     snr_gamma: float | None = _option(None, "Min-SNR-γ loss weighting (5.0 is the paper's choice; off by default)")
     noise_offset: float = _option(0.0, "noise offset (e.g. 0.05)")
+    timestep_sampling: str = _option(
+        "stratified",
+        "timesteps of a batch: independent uniform draws, or stratified to cover the range evenly (same expected loss, "
+        "less variance)",
+        choices=("uniform", "stratified"),
+    )
     prediction_type: str | None = _option(None, "epsilon or v_prediction (default: the scheduler's)", choices=(None, "epsilon", "v_prediction"))
     # Speed
     mixed_precision: str = _option("no", "mixed precision", choices=("no", "fp16", "bf16"))

@@ -54,6 +54,21 @@ def test_noise_draws_are_reproducible_and_offset():
     assert first.timesteps.min() >= 0 and first.timesteps.max() < 1000
 
 
+def test_stratified_timesteps_cover_the_range_evenly_and_stay_uniform_each():
+    generator = torch.Generator().manual_seed(0)
+    batch, steps = 8, 1000
+    draws = [draw_noise((batch, 4, 2, 2), steps, generator, timestep_sampling="stratified").timesteps for _ in range(4000)]
+    for timesteps in draws[:50]:
+        # One timestep in each eighth of the range: sorted, neighbours are 1/8 of the range apart (±1 from flooring).
+        gaps = torch.diff(torch.sort(timesteps).values).float()
+        assert ((gaps - steps / batch).abs() <= 1).all(), timesteps
+    # Each timestep alone is uniform: every tenth of the range gets a tenth of the draws (32,000 draws; ±5%).
+    counts = torch.bincount(torch.cat(draws) // 100, minlength=10).float()
+    assert ((counts / counts.mean() - 1).abs() < 0.05).all(), counts
+    with pytest.raises(InvalidArgumentError, match="timestep-sampling"):
+        draw_noise((2, 4, 2, 2), steps, generator, timestep_sampling="lognormal")
+
+
 def test_loraplus_and_lora_fa_groups():
     factors = [LoRAFactors(8, 8, 2), LoRAFactors(8, 8, 2)]
     params = [p for f in factors for p in (f.down, f.up)]
