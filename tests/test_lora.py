@@ -139,6 +139,11 @@ def test_shape_mismatch_names_both_shapes():
         branch.add("a", LoRAFactors(5, 4, rank=2))
 
 
+def force(monkeypatch, form: str) -> None:
+    allowance = 1e9 if form == "merged" else 0.0
+    monkeypatch.setattr(lora_module, "MERGED_FLOPS_ALLOWANCE", {"training": allowance, "inference": allowance})
+
+
 def _two_adapter_branch(trainable: bool) -> tuple[nn.Linear, MultiLoRA, LoRAFactors, LoRAFactors]:
     torch.manual_seed(0)
     layer = nn.Linear(16, 8)
@@ -155,7 +160,7 @@ def _two_adapter_branch(trainable: bool) -> tuple[nn.Linear, MultiLoRA, LoRAFact
 @pytest.mark.parametrize("form", ["merged", "factored"])
 def test_both_forms_of_linear_equal_the_merged_weight_and_give_the_same_gradients(monkeypatch, form):
     # The allowance decides the form: huge → always merged, 0 → always factored.
-    monkeypatch.setattr(lora_module, "MERGED_FLOPS_ALLOWANCE", 1e9 if form == "merged" else 0.0)
+    force(monkeypatch, form)
     layer, branch, a, b = _two_adapter_branch(trainable=True)
     x = torch.randn(3, 5, 16, requires_grad=True)
     target = torch.randn(3, 5, 8)
@@ -175,7 +180,7 @@ def test_both_forms_of_linear_equal_the_merged_weight_and_give_the_same_gradient
 
 @pytest.mark.parametrize("form", ["merged", "factored"])
 def test_linear_without_gradients_matches_fused_layer(monkeypatch, form):
-    monkeypatch.setattr(lora_module, "MERGED_FLOPS_ALLOWANCE", 1e9 if form == "merged" else 0.0)
+    force(monkeypatch, form)
     layer, branch, _, _ = _two_adapter_branch(trainable=False)
     x = torch.randn(4, 16)
     with torch.no_grad():
@@ -190,7 +195,7 @@ def test_linear_without_gradients_matches_fused_layer(monkeypatch, form):
 
 
 def test_layers_with_hooks_keep_their_own_forward(monkeypatch):
-    monkeypatch.setattr(lora_module, "MERGED_FLOPS_ALLOWANCE", 1e9)  # merged would be chosen for a plain layer
+    force(monkeypatch, "merged")  # merged would be chosen for a plain layer
     layer, branch, a, b = _two_adapter_branch(trainable=False)
     calls = []
     layer.register_forward_pre_hook(lambda module, inputs: calls.append(1))  # e.g. accelerate's offload hook
