@@ -1,12 +1,13 @@
 """Training cost: difflora's recipe against the reference diffusers+PEFT recipe, same UNet, data, batch and steps.
 
     python bench/bench_training.py            # embedded tiny model, pixel-sunsets sample set, 60 steps, batch 4
+    python bench/bench_training.py --set timestep_sampling=uniform   # what one difflora option is worth
 
 The reference is diffusers' train_text_to_image_lora.py reduced to its loop: PEFT
 ``LoraConfig(target_modules=["to_q","to_k","to_v","to_out.0"])`` on the UNet, the VAE and the text encoder run every
 step, AdamW. difflora runs its own recipe (``difflora.train.train``) with latent and text caching on. Each variant
-runs in its own process, so peak memory (max RSS) is that variant's alone. Prints per-step time (first step
-excluded: it fills the caches), peak memory, held-out loss after the same number of steps, and ratios.
+runs in its own process, so peak memory (max RSS) is that variant's alone. Prints per-step time (the median step;
+the first is excluded: it fills the caches), peak memory, held-out loss after the same number of steps, and ratios.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import yaml
 
 SAMPLES = Path(__file__).resolve().parent.parent / "samples"
 
@@ -39,6 +42,12 @@ def split_dataset(source: Path, folder: Path) -> tuple[Path, Path]:
         shutil.copy(item.path, target / item.path.name)
         (target / item.path.with_suffix(".txt").name).write_text(item.caption)
     return train_dir, held_dir
+
+
+def step_seconds(stamps: list[float]) -> float:
+    """The median step: durations between consecutive optimizer steps (the first step, which builds the caches, has
+    no earlier stamp). A median is not moved by a stray pause of a shared machine, as a mean is."""
+    return statistics.median(later - earlier for earlier, later in zip(stamps, stamps[1:]))
 
 
 def held_out(pipe, held_dir: Path) -> float:
@@ -62,15 +71,19 @@ def run_difflora(args, train_dir: Path, held_dir: Path, output: Path) -> dict:
     from difflora.train_config import make_config
 
     stamps = []
-    config = make_config(dict(
+    options = dict(
         data=str(train_dir), output=str(output), steps=args.steps, batch_size=args.batch_size, rank=args.rank,
         alpha=float(args.rank), lr=args.lr, report_to="none", seed=args.seed, cache_latents=True,
         cache_text_encoder_outputs=True, buckets=False,
-    ))
+    )
+    for assignment in args.set:  # e.g. timestep_sampling=uniform, to measure what one option is worth
+        key, _, value = assignment.partition("=")
+        options[key.replace("-", "_")] = yaml.safe_load(value)
+    config = make_config(options)
     result = train(config, progress=lambda step, total, loss: stamps.append(time.perf_counter()))
     pipe = load_pipeline(None, quiet=True)
     LoRARuntime.attach(pipe).load(result.adapter_path)
-    return {"step_seconds": (stamps[-1] - stamps[0]) / (len(stamps) - 1), "held_out_loss": held_out(pipe, held_dir)}
+    return {"step_seconds": step_seconds(stamps), "held_out_loss": held_out(pipe, held_dir)}
 
 
 def run_reference(args, train_dir: Path, held_dir: Path) -> dict:
@@ -117,7 +130,7 @@ def run_reference(args, train_dir: Path, held_dir: Path) -> dict:
             if step >= args.steps:
                 break
         epoch += 1
-    return {"step_seconds": (stamps[-1] - stamps[0]) / (len(stamps) - 1), "held_out_loss": held_out(pipe, held_dir)}
+    return {"step_seconds": step_seconds(stamps), "held_out_loss": held_out(pipe, held_dir)}
 
 
 def child(args) -> None:
@@ -138,7 +151,9 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--seeds", type=int, default=3, help="runs per recipe (seeds seed, seed+1, ...); medians are printed")
+    parser.add_argument("--seeds", type=int, default=8, help="runs per recipe (seeds seed, seed+1, ...); medians are printed")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a difflora training option for this comparison (repeatable), e.g. timestep_sampling=uniform")
     parser.add_argument("--dataset", default=str(SAMPLES / "pixel-sunsets"))
     parser.add_argument("--variant", choices=("difflora", "reference"), help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
@@ -156,7 +171,7 @@ def main() -> None:
         for variant in runs:
             command = [sys.executable, __file__, "--variant", variant, "--work", str(work), "--steps", str(args.steps),
                        "--batch-size", str(args.batch_size), "--rank", str(args.rank), "--lr", str(args.lr),
-                       "--seed", str(seed)]
+                       "--seed", str(seed), *(item for assignment in args.set for item in ("--set", assignment))]
             finished = subprocess.run(command, capture_output=True, text=True, check=True)
             line = next(line for line in finished.stdout.splitlines() if line.startswith("RESULT "))
             runs[variant].append(json.loads(line.removeprefix("RESULT ")))
@@ -167,10 +182,13 @@ def main() -> None:
 
     reference, ours = median_of("reference"), median_of("difflora")
     print(f"embedded tiny model, {Path(args.dataset).name}: {args.steps} steps, batch {args.batch_size}, rank {args.rank}, "
-          f"lr {args.lr}, medians over {args.seeds} seeds; {torch.get_num_threads()} threads, torch {torch.__version__}, {platform.machine()}")
+          f"lr {args.lr}, difflora options {args.set or 'default'}, medians over {args.seeds} seeds; {torch.get_num_threads()} threads, torch {torch.__version__}, {platform.machine()}")
     print(f"{'':22s} {'s/step':>8s} {'peak MB':>8s} {'held-out loss':>14s}")
     for name, result in (("diffusers+PEFT (ref)", reference), ("difflora", ours)):
         print(f"{name:22s} {result['step_seconds']:8.4f} {result['peak_rss_mb']:8.0f} {result['held_out_loss']:14.4f}")
+    for key, label in (("held_out_loss", "held-out loss"), ("step_seconds", "s/step")):
+        print(f"{label} per seed: reference " + " ".join(f"{run[key]:.4f}" for run in runs["reference"])
+              + " | difflora " + " ".join(f"{run[key]:.4f}" for run in runs["difflora"]))
     print(f"ratios difflora/reference: step time {ours['step_seconds'] / reference['step_seconds']:.3f}, "
           f"peak memory {ours['peak_rss_mb'] / reference['peak_rss_mb']:.3f}, "
           f"held-out loss {ours['held_out_loss'] / reference['held_out_loss']:.3f}")
