@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import copy
 import platform
+import random
 import statistics
 import time
 from types import SimpleNamespace
@@ -71,10 +72,10 @@ def main() -> None:
     # GPUs do, for every variant alike.
     torch.set_flush_denormal(True)
 
-    base_unet = build_unet(args.config)
-    peft_unet = copy.deepcopy(base_unet)
-    ours_unet = copy.deepcopy(base_unet)
-    cross_dim = base_unet.config.cross_attention_dim
+    template = build_unet(args.config)
+    base_unet, peft_unet, ours_unet = (copy.deepcopy(template) for _ in range(3))  # alike in memory, all copies
+    cross_dim = template.config.cross_attention_dim
+    del template
     generator = torch.Generator().manual_seed(0)
     latents = torch.randn(2, 4, args.latent_size, args.latent_size, generator=generator)
     context = torch.randn(2, 77, cross_dim, generator=generator)
@@ -127,8 +128,14 @@ def main() -> None:
         peft(4)()
         difference = (ours_unet(latents, timestep, context).sample - peft_unet(latents, timestep, context).sample).abs().max()
     samples: dict[str, list[float]] = {name: [] for name in variants}
+    order = list(variants)
+    shuffler = random.Random(0)
     for _ in range(args.rounds):  # interleaved rounds, so drift in machine speed hits every variant alike
-        for name, (unet, setup) in variants.items():
+        # A new order each round: a variant timed right after a fuse or after PEFT's set_adapters was measured up to
+        # 15% off in a fixed order, whichever it was.
+        shuffler.shuffle(order)
+        for name in order:
+            unet, setup = variants[name]
             setup()
             # One untimed pass after each change: the first pass after fusing runs on freshly written weights and
             # new allocations (measured 1.2× slower here), which a generation of many steps pays once, not per step.
