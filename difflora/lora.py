@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as _module_globals
 
 from .errors import FuseError, InvalidArgumentError
 
@@ -71,6 +72,24 @@ def merged_form_is_cheaper(tokens: int, in_features: int, out_features: int, ran
     else:
         merged, factored = weight_size * (rank + 1), rank_wide
     return merged <= MERGED_FLOPS_ALLOWANCE["training" if with_gradients else "inference"] * factored
+
+
+_GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks", "_global_backward_pre_hooks")
+
+
+def _runs_plain_forward(base: nn.Module, x: torch.Tensor) -> bool:
+    """Whether ``base(x)`` is just ``F.linear(x, base.weight, base.bias)``: a plain ``nn.Linear`` with a plain weight on
+    ``x``'s device, its ``forward`` not replaced (accelerate's offload and device-map hooks replace it on the
+    instance) and no module hooks of its own or global ones."""
+    return (
+        type(base) is nn.Linear
+        and type(base.weight) is nn.Parameter
+        and base.weight.device == x.device
+        and "forward" not in base.__dict__
+        and not hasattr(base, "_hf_hook")
+        and not (base._forward_hooks or base._forward_pre_hooks or base._backward_hooks or base._backward_pre_hooks)
+        and not any(getattr(_module_globals, name, None) for name in _GLOBAL_HOOKS)
+    )
 
 
 class LoRAFactors(nn.Module):
@@ -257,8 +276,8 @@ class MultiLoRA(nn.Module):
     def linear(self, base: nn.Linear, x: torch.Tensor) -> torch.Tensor:
         """``base(x) + Σ m s B A x``, in the merged or the factored form, whichever costs less for this ``x``.
 
-        The merged form calls ``F.linear`` with the base layer's tensors, so it is only taken for a plain
-        ``nn.Linear`` without hooks (offloading and quantised layers run their own forward).
+        The merged form calls ``F.linear`` with the base layer's tensors, so it is only taken where that is all the
+        layer's forward would do (:func:`_runs_plain_forward`); offloaded, hooked and quantised layers run their own.
         """
         if self.fused:
             return base(x)
@@ -268,10 +287,8 @@ class MultiLoRA(nn.Module):
         trainable = any(a.factors.down.requires_grad or a.factors.up.requires_grad for a in active)
         tokens = x.numel() // x.shape[-1] if x.ndim else 1
         total_rank = sum(a.factors.rank for a in active)
-        if (
-            type(base) is nn.Linear
-            and not (base._forward_hooks or base._forward_pre_hooks)
-            and merged_form_is_cheaper(tokens, self.in_features, self.out_features, total_rank, trainable and torch.is_grad_enabled())
+        if _runs_plain_forward(base, x) and merged_form_is_cheaper(
+            tokens, self.in_features, self.out_features, total_rank, trainable and torch.is_grad_enabled()
         ):
             weight = base.weight.float() + self._merged_delta(active, trainable, x.device)
             return F.linear(x, weight.to(x.dtype), base.bias)

@@ -207,6 +207,27 @@ def test_layers_with_hooks_keep_their_own_forward(monkeypatch):
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
 
 
+def test_layers_offloaded_by_accelerate_keep_their_own_forward():
+    from accelerate.hooks import ModelHook, add_hook_to_module
+
+    class Recorder(ModelHook):  # accelerate replaces the layer's forward; module hook dicts stay empty
+        calls = 0
+
+        def pre_forward(self, module, *args, **kwargs):
+            Recorder.calls += 1
+            return args, kwargs
+
+    layer, branch, a, b = _two_adapter_branch(trainable=False)
+    add_hook_to_module(layer, Recorder())
+    x = torch.randn(4, 16)
+    expected = x @ (layer.weight + 0.7 * a.delta_weight() - 0.3 * b.delta_weight()).t() + layer.bias
+    for form in ("merged", "factored"):
+        with pytest.MonkeyPatch.context() as monkeypatch, torch.no_grad():
+            force(monkeypatch, form)
+            torch.testing.assert_close(branch.linear(layer, x), expected, rtol=0, atol=1e-5)
+    assert Recorder.calls == 2
+
+
 def test_merged_form_is_chosen_where_it_does_less_work():
     # Many tokens through a small layer: building W + ΔW once beats two rank-wide matmuls over every token.
     assert merged_form_is_cheaper(tokens=8192, in_features=320, out_features=320, rank=8, with_gradients=False)
