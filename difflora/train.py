@@ -173,7 +173,7 @@ def train(config: TrainConfig, progress=None) -> TrainingResult:
         loraplus_ratio=config.loraplus_ratio,
         lora_fa=config.lora_fa,
     )
-    optimizer = build_optimizer(groups, config.optimizer, config.weight_decay)
+    optimizer = build_optimizer(groups, config.optimizer, config.weight_decay, allow_fused=config.mixed_precision != "fp16")
 
     # 5. Batches. Each global batch (batch_size × processes images, one bucket) is split across processes, so N
     # processes see exactly the images, noise and timesteps of one process with the same global batch.

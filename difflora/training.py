@@ -173,8 +173,12 @@ def lora_parameter_groups(
     return [group for group in groups if group["params"]]
 
 
-def build_optimizer(groups: list[dict], name: str, weight_decay: float) -> torch.optim.Optimizer:
-    """AdamW, or bitsandbytes' 8-bit AdamW when asked for and installed."""
+def build_optimizer(groups: list[dict], name: str, weight_decay: float, allow_fused: bool = True) -> torch.optim.Optimizer:
+    """AdamW, or bitsandbytes' 8-bit AdamW when asked for and installed.
+
+    ``allow_fused=False`` for fp16 mixed precision: a GradScaler always steps a fused optimizer (it skips overflowed
+    updates inside the kernel), so accelerate could not tell a skipped step and the schedule would advance anyway.
+    """
     if name == "adamw8bit":
         try:
             import bitsandbytes
@@ -184,11 +188,20 @@ def build_optimizer(groups: list[dict], name: str, weight_decay: float) -> torch
     if name != "adamw":
         raise InvalidArgumentError(f"--optimizer {name!r} is not adamw or adamw8bit")
     # fused: one kernel updates all the small LoRA tensors (CPU and GPU), instead of a Python loop over them; foreach
-    # (one op per step of the update over all tensors) where the device has no fused AdamW.
+    # (one op per step of the update over all tensors) otherwise. torch checks fused support only at the first step,
+    # so it is decided here.
+    parameters = [p for group in groups for p in group["params"]]
+    fused = allow_fused and all(p.is_floating_point() and p.device.type in _fused_adamw_devices() for p in parameters)
+    return torch.optim.AdamW(groups, weight_decay=weight_decay, **({"fused": True} if fused else {"foreach": True}))
+
+
+def _fused_adamw_devices() -> tuple[str, ...]:
     try:
-        return torch.optim.AdamW(groups, weight_decay=weight_decay, fused=True)
-    except RuntimeError:
-        return torch.optim.AdamW(groups, weight_decay=weight_decay, foreach=True)
+        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+        return tuple(_get_fused_kernels_supported_devices())
+    except ImportError:  # a private helper; these have fused AdamW in the torch versions difflora supports
+        return ("cpu", "cuda")
 
 
 def held_out_loss(

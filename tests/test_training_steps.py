@@ -69,6 +69,17 @@ def test_stratified_timesteps_cover_the_range_evenly_and_stay_uniform_each():
         draw_noise((2, 4, 2, 2), steps, generator, timestep_sampling="lognormal")
 
 
+def test_adamw_is_fused_where_the_device_has_it_and_not_under_fp16_scaling():
+    def kind(parameter, **kwargs):
+        optimizer = build_optimizer([{"params": [parameter], "lr": 1e-3}], "adamw", 0.01, **kwargs)
+        return "fused" if optimizer.defaults["fused"] else "foreach" if optimizer.defaults["foreach"] else "loop"
+
+    assert kind(torch.nn.Parameter(torch.randn(3, 3))) == "fused"
+    assert kind(torch.nn.Parameter(torch.randn(3, 3)), allow_fused=False) == "foreach"
+    # torch only checks fused support at the first step; a device without it gets foreach from the start.
+    assert kind(torch.nn.Parameter(torch.randn(3, 3, device="meta"))) == "foreach"
+
+
 def test_loraplus_and_lora_fa_groups():
     factors = [LoRAFactors(8, 8, 2), LoRAFactors(8, 8, 2)]
     params = [p for f in factors for p in (f.down, f.up)]
