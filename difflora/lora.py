@@ -133,9 +133,9 @@ class LoRAFactors(nn.Module):
         self.up = nn.Parameter(torch.zeros(out_features, rank, dtype=dtype, device=device))
         self.reset_parameters()
 
-    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+    def reset_parameters(self) -> None:
         with torch.no_grad():
-            self.down.copy_(initial_down(self.rank, self.in_features, generator))
+            self.down.copy_(initial_down(self.rank, self.in_features))
             self.up.zero_()
 
     def _apply(self, fn, recurse: bool = True):
@@ -297,13 +297,8 @@ class MultiLoRA(nn.Module):
         return output + delta.to(output.dtype)
 
     def _merged_delta(self, active: list[ActiveAdapter], trainable: bool, device: torch.device) -> torch.Tensor:
-        if trainable:  # each adapter's own graph, as in delta()
-            total = None
-            for adapter in active:
-                factors = adapter.factors
-                term = (factors.up.float() @ factors.down.float()) * (factors.scale * adapter.multiplier)
-                total = term if total is None else total + term
-            return total
+        if trainable:  # each adapter's own graph, never the cached stack (as in delta())
+            return self.delta_weight()
         down_stack, up_stack = self._stacked(active, torch.float32, device)
         return up_stack @ down_stack
 
