@@ -12,6 +12,7 @@ OUTPUT/config.yaml, OUTPUT/checkpoints/checkpoint-STEP/, OUTPUT/logs/ (TensorBoa
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import logging
 import math
@@ -326,16 +327,22 @@ def train(config: TrainConfig, progress=None) -> TrainingResult:
         last_checkpoint = checkpoints.save(step)
         if accelerator.is_main_process:
             logger.warning("stopped at step %d; resume with --resume latest (checkpoint %s)", step, last_checkpoint)
-        accelerator.end_training()
-        return TrainingResult(None, step, losses, interrupted=True, last_checkpoint=last_checkpoint)
-    adapter_path = output_dir / f"{config.name}.safetensors"
-    if accelerator.is_main_process:
-        runtime.save(config.name, adapter_path, adapter_metadata(config, pipe))
-        if config.validation_prompts and not (config.validation_steps and step % config.validation_steps == 0):
-            _validate(accelerator, pipe, config, step)  # unless the loop just rendered this step
+        result = TrainingResult(None, step, losses, interrupted=True, last_checkpoint=last_checkpoint)
+    else:
+        adapter_path = output_dir / f"{config.name}.safetensors"
+        if accelerator.is_main_process:
+            runtime.save(config.name, adapter_path, adapter_metadata(config, pipe))
+            if config.validation_prompts and not (config.validation_steps and step % config.validation_steps == 0):
+                _validate(accelerator, pipe, config, step)  # unless the loop just rendered this step
+        result = TrainingResult(adapter_path, step, losses, last_checkpoint=last_checkpoint)
+    # The data-parallel wrappers hold the process group. Release them while every process is still here: freed after
+    # end_training, when another process may have exited, gloo's teardown waited forever (seen with 2 CPU processes).
+    prepared = model_for = train_unet = train_text_encoder = None
+    accelerator.free_memory()
+    gc.collect()
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    return TrainingResult(adapter_path, step, losses, last_checkpoint=last_checkpoint)
+    return result
 
 
 def _bucket_chunks(bucket_per_index: list, batch_size: int, process_index: int, num_processes: int) -> list[list[int]]:
