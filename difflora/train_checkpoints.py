@@ -8,6 +8,7 @@ Checkpoints are written to a temporary folder and renamed, so an interrupted sav
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -15,8 +16,29 @@ from pathlib import Path
 
 from .errors import InvalidArgumentError
 from .formats import read_adapter
+from .train_config import config_to_dict
 
-__all__ = ["CheckpointManager"]
+__all__ = ["CheckpointManager", "changed_options"]
+
+logger = logging.getLogger("difflora.train")
+
+# Options that do not change what the run computes: where it goes, how long it runs, what it shows.
+_OUTSIDE_THE_TRAJECTORY = frozenset({
+    "output", "resume", "steps", "epochs", "checkpointing_steps", "checkpoints_total_limit", "validation_prompts",
+    "validation_steps", "validation_seed", "validation_inference_steps", "report_to", "log_every",
+    "dataloader_workers", "cache_dir",
+})
+
+
+def changed_options(saved: dict, current: dict) -> list[str]:
+    """``"name: saved → current"`` for each option that shapes the training and differs between a checkpoint's
+    config and this run's (an option the checkpoint does not know counts as changed)."""
+    missing = object()
+    return [
+        f"{name}: {saved.get(name, 'unset')!s} → {value!s}"
+        for name, value in current.items()
+        if name not in _OUTSIDE_THE_TRAJECTORY and saved.get(name, missing) != value
+    ]
 
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 _ADAPTER_FILE = "adapter.safetensors"
@@ -63,7 +85,7 @@ class CheckpointManager:
         self.accelerator.save_state(str(staging))
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
-            (staging / _STEP_FILE).write_text(json.dumps({"step": step}))
+            (staging / _STEP_FILE).write_text(json.dumps({"step": step, "config": config_to_dict(self.config)}))
             if final.exists():
                 shutil.rmtree(final)
             os.replace(staging, final)
@@ -85,5 +107,11 @@ class CheckpointManager:
             raise InvalidArgumentError(f"--resume latest: no checkpoint in {self.folder}")
         if not (path / _STEP_FILE).is_file():
             raise InvalidArgumentError(f"--resume {wanted}: {path} is not a difflora checkpoint (no {_STEP_FILE})")
+        saved = json.loads((path / _STEP_FILE).read_text())
+        changed = changed_options(saved["config"], config_to_dict(self.config)) if "config" in saved else []
+        if changed and self.accelerator.is_main_process:
+            # A warning, not an error: changing e.g. the learning rate on resume can be meant.
+            logger.warning("resuming %s with options that differ from its run (%s): the result will not be the "
+                           "uninterrupted run's", path, "; ".join(changed))
         self.accelerator.load_state(str(path))
-        return json.loads((path / _STEP_FILE).read_text())["step"]
+        return saved["step"]

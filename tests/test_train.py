@@ -1,6 +1,7 @@
 """Training on the tiny model: the file it writes, that it learns, that runs survive, and data parallelism."""
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -19,7 +20,8 @@ from difflora.formats import read_adapter
 from difflora.generate import GenerationSettings, generate
 from difflora.models import load_pipeline
 from difflora.train import TrainingDiverged, train
-from difflora.train_config import TrainConfig, config_from_args, make_config
+from difflora.train_checkpoints import changed_options
+from difflora.train_config import TrainConfig, config_from_args, config_to_dict, make_config
 from difflora.training import TextEmbeddingCache, encode_latents, held_out_loss
 
 SAMPLES = Path(__file__).resolve().parent.parent / "samples"
@@ -84,7 +86,7 @@ def test_it_learns_the_style(tmp_path, tiny_model_dir):
     assert adapted_loss < 0.9 * base_loss, (base_loss, adapted_loss)
 
 
-def test_resume_reproduces_the_uninterrupted_run(tmp_path, tiny_model_dir):
+def test_resume_reproduces_the_uninterrupted_run(tmp_path, tiny_model_dir, caplog):
     train_dir, _ = style_split(tmp_path)
     # Accumulation 2 over 10 batches an epoch: 5 steps an epoch, so the run crosses an epoch boundary after resuming.
     common = dict(model=str(tiny_model_dir), steps=8, lr=1e-2, lr_scheduler="linear", snr_gamma=5.0, noise_offset=0.05,
@@ -98,13 +100,24 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, tiny_model_dir):
     stopped = train(config(tmp_path / "b", train_dir, **common), progress=interrupt_at_three)
     assert stopped.interrupted and stopped.steps == 3 and stopped.adapter_path is None
     assert stopped.last_checkpoint.name == "checkpoint-000003"
-    resumed = train(config(tmp_path / "b", train_dir, resume="latest", **common))
+    with caplog.at_level(logging.WARNING, logger="difflora.train"):
+        resumed = train(config(tmp_path / "b", train_dir, resume="latest", **common))
+    assert not [r for r in caplog.records if "differ" in r.getMessage()]  # same options: no warning
     assert resumed.steps == 8
     assert resumed.losses == pytest.approx(straight.losses[3:], abs=1e-6)
     a, b = read_adapter(straight.adapter_path), read_adapter(resumed.adapter_path)
     for key, module in a.modules.items():
         torch.testing.assert_close(b.modules[key].up, module.up, rtol=0, atol=1e-6)
         torch.testing.assert_close(b.modules[key].down, module.down, rtol=0, atol=1e-6)
+
+
+def test_resume_names_the_options_that_changed_since_the_checkpoint():
+    saved = config_to_dict(make_config({"data": "d", "steps": 5}))
+    later = config_to_dict(make_config({"data": "d", "steps": 9, "output": "o2", "lr": 1e-3, "timestep_sampling": "uniform"}))
+    # More steps and another output folder continue the same run; the learning rate and timesteps do not.
+    assert changed_options(saved, later) == ["lr: 0.0001 → 0.001", "timestep_sampling: stratified → uniform"]
+    older = {key: value for key, value in saved.items() if key != "timestep_sampling"}  # a checkpoint from before
+    assert changed_options(older, saved) == ["timestep_sampling: unset → stratified"]
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_model_dir, monkeypatch):
