@@ -235,11 +235,11 @@ def train(config: TrainConfig, progress=None) -> TrainingResult:
     if latent_cache is not None:
         # Fill the cache before the first step, so the VAE never runs inside the loop. With a disk cache each process
         # encodes its share and reads the others' files; a memory cache is per process, so each encodes all.
-        shared = isinstance(latent_cache, datasets.LatentDiskCache)
+        chunks = list(datasets.BucketBatchSampler(dataset.bucket_per_index, config.batch_size, shuffle=False))
+        if isinstance(latent_cache, datasets.LatentDiskCache):
+            chunks = chunks[accelerator.process_index :: accelerator.num_processes]
         for chunk in tqdm(
-            _bucket_chunks(dataset.bucket_per_index, config.batch_size, accelerator.process_index if shared else 0,
-                           accelerator.num_processes if shared else 1),
-            disable=not accelerator.is_local_main_process, desc="caching latents", unit="batch", leave=False,
+            chunks, disable=not accelerator.is_local_main_process, desc="caching latents", unit="batch", leave=False
         ):
             cached_latents(chunk)
         accelerator.wait_for_everyone()
@@ -343,16 +343,6 @@ def train(config: TrainConfig, progress=None) -> TrainingResult:
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return result
-
-
-def _bucket_chunks(bucket_per_index: list, batch_size: int, process_index: int, num_processes: int) -> list[list[int]]:
-    """Dataset indices in groups of at most ``batch_size`` images of one bucket; process ``process_index`` of
-    ``num_processes`` takes every ``num_processes``-th group."""
-    by_bucket: dict = {}
-    for index, bucket in enumerate(bucket_per_index):
-        by_bucket.setdefault(bucket, []).append(index)
-    chunks = [indices[start:start + batch_size] for indices in by_bucket.values() for start in range(0, len(indices), batch_size)]
-    return chunks[process_index::num_processes]
 
 
 def adapter_metadata(config: TrainConfig, pipe) -> dict[str, str]:

@@ -33,11 +33,10 @@ _OUTSIDE_THE_TRAJECTORY = frozenset({
 def changed_options(saved: dict, current: dict) -> list[str]:
     """``"name: saved → current"`` for each option that shapes the training and differs between a checkpoint's
     config and this run's (an option the checkpoint does not know counts as changed)."""
-    missing = object()
     return [
         f"{name}: {saved.get(name, 'unset')!s} → {value!s}"
         for name, value in current.items()
-        if name not in _OUTSIDE_THE_TRAJECTORY and saved.get(name, missing) != value
+        if name not in _OUTSIDE_THE_TRAJECTORY and (name not in saved or saved[name] != value)
     ]
 
 _NAME = re.compile(r"^checkpoint-(\d+)$")
