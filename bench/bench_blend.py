@@ -20,7 +20,8 @@ from types import SimpleNamespace
 import torch
 
 from difflora.blend import blend
-from difflora.formats import AdapterState, LoRAModuleWeights, read_adapter, write_adapter
+from difflora.adapter import AdapterState, LoRAModuleWeights
+from difflora.formats import read_adapter, write_adapter
 
 WEIGHTS = (0.7, -0.3, 0.5, 0.2)
 

@@ -4,7 +4,8 @@ __version__ = "0.1.0"
 
 from .blocks import BlockWeights
 from .errors import AdapterFileError, AdapterShapeError, DiffloraError, InvalidArgumentError, ModelLoadError
-from .formats import AdapterState, LoRAModuleWeights, read_adapter, write_adapter
+from .adapter import AdapterState, LoRAModuleWeights
+from .formats import read_adapter, write_adapter
 from .lora import LoRAFactors, MultiLoRA, lora_scale
 from .processors import AttentionSite, CLIPLoRAAttnProcessor, LoRAAttnProcessor
 from .runtime import AdapterInfo, LoRARuntime

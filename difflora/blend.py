@@ -21,7 +21,7 @@ import torch
 
 from .blocks import BlockWeights
 from .errors import InvalidArgumentError
-from .formats import AdapterState, LoRAModuleWeights
+from .adapter import AdapterState, LoRAModuleWeights
 
 __all__ = ["BLEND_METHODS", "BlendResult", "blend", "scale_adapter", "resize_adapter", "low_rank_approximation"]
 

@@ -7,21 +7,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import DiffloraError, InvalidArgumentError
+from ._entry import OneLineErrorParser, add_model_options, quiet_libraries, run_main
+from .errors import InvalidArgumentError, finite_number
+from .keys import adapter_name_from_path
 
 __all__ = ["main", "parse_lora_spec", "LoRASpec"]
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line (and still exit code 2)."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 @dataclass(frozen=True)
@@ -35,25 +29,7 @@ def parse_lora_spec(text: str, option: str = "--lora") -> LoRASpec:
     if Path(text).exists() or ":" not in text:
         return LoRASpec(Path(text))
     path_text, _, weight_text = text.rpartition(":")
-    try:
-        weight = float(weight_text)
-    except ValueError:
-        raise InvalidArgumentError(f"{option} {text}: weight {weight_text!r} is not a number") from None
-    if weight != weight or abs(weight) == float("inf"):
-        raise InvalidArgumentError(f"{option} {text}: weight {weight_text!r} must be finite")
-    return LoRASpec(Path(path_text), weight)
-
-
-def _add_model_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--model",
-        default="embedded",
-        help="'embedded' (the built-in tiny Stable Diffusion, default), a diffusers folder, a single-file "
-        ".safetensors checkpoint, or a hub id (downloads only then)",
-    )
-    parser.add_argument("--model-config", default=None, help="architecture for a single-file checkpoint (a diffusers folder or hub id)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps (default: auto)")
-    parser.add_argument("--dtype", default="auto", help="auto (fp16 on CUDA, else fp32), fp32, fp16 or bf16")
+    return LoRASpec(Path(path_text), finite_number(weight_text, f"{option} {text}: weight"))
 
 
 def _cmd_init_model(args: argparse.Namespace) -> int:
@@ -100,7 +76,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     runtime = LoRARuntime.attach(pipe)
     uses = []
     for index, (spec, state) in enumerate(states):
-        name = spec.path.stem.replace(".", "_") or f"lora{index}"
+        name = adapter_name_from_path(spec.path)
         if name in runtime.adapters:
             name = f"{name}_{index}"
         runtime.add_adapter(name, state, spec.weight, block_weights, source=str(spec.path), strict=args.strict)
@@ -118,22 +94,15 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    from .formats import describe_adapter, read_adapter
+    from .formats import read_adapter
+    from .reports import describe_adapter, summary_rows
 
-    summary = describe_adapter(read_adapter(args.file))
-    summary = {"file": str(args.file), **summary}
+    summary = {"file": str(args.file), **describe_adapter(read_adapter(args.file))}
     if args.json:
         print(json.dumps(summary, indent=2, sort_keys=True))
         return 0
-    print(f"file:       {summary['file']}")
-    print(f"format:     {summary['format']}")
-    print(f"ranks:      {', '.join(map(str, summary['ranks']))}")
-    print(f"alphas:     {', '.join(f'{a:g}' for a in summary['alphas'])}")
-    print(f"rsLoRA:     {'yes' if summary['use_rslora'] else 'no'}")
-    print("modules:    " + ", ".join(f"{c}: {n}" for c, n in summary["modules_per_component"].items()))
-    print("targets:    " + ", ".join(f"{c}: {'/'.join(p)}" for c, p in summary["targets"].items()))
-    if summary["skipped"]:
-        print(f"not applied ({len(summary['skipped'])} keys difflora cannot apply): " + ", ".join(summary["skipped"][:10]))
+    for label, value in [("file", summary["file"]), *summary_rows(summary)]:
+        print(f"{label + ':':<12}{value}")
     if summary["metadata"]:
         print("metadata:")
         for key, value in sorted(summary["metadata"].items()):
@@ -163,10 +132,10 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
 
 def _report_errors(errors: dict[str, float]) -> None:
+    from .reports import error_summary
+
     if errors:
-        worst = max(errors, key=errors.get)
-        mean = sum(errors.values()) / len(errors)
-        print(f"relative error per module: mean {mean:.3e}, max {errors[worst]:.3e} ({worst})", file=sys.stderr)
+        print(error_summary(errors), file=sys.stderr)
 
 
 def _cmd_blend(args: argparse.Namespace) -> int:
@@ -241,17 +210,17 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    parser = _Parser(prog="difflora", description="LoRA adapters for Stable Diffusion: generate, inspect, train, blend, export.")
+    parser = OneLineErrorParser(prog="difflora", description="LoRA adapters for Stable Diffusion: generate, inspect, train, blend, export.")
     parser.add_argument("--version", action="version", version=f"difflora {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=OneLineErrorParser)
 
     init = commands.add_parser("init-model", help="write the embedded tiny Stable Diffusion to a folder")
     init.add_argument("dir", help="folder to create")
     init.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0: the embedded model)")
-    init.set_defaults(run=_cmd_init_model)
+    init.set_defaults(run=_cmd_init_model, command_parser=init)
 
     gen = commands.add_parser("generate", help="generate images with any mix of adapters")
-    _add_model_options(gen)
+    add_model_options(gen)
     gen.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]", help="adapter file and weight (repeatable; weight may be negative)")
     gen.add_argument("--block-weights", default=None, metavar="down=…,mid=…,up=…", help="per-block weights for every --lora (e.g. down=0,mid=1,up=1,up.1=0.5,te=1)")
     gen.add_argument("--prompt", required=True)
@@ -265,12 +234,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--fuse", action="store_true", help="fuse the adapters into the weights before generating")
     gen.add_argument("--strict", action="store_true", help="refuse adapters holding keys difflora cannot apply (else they are listed)")
     gen.add_argument("--out", required=True, help="output PNG (several images get -0, -1, … suffixes)")
-    gen.set_defaults(run=_cmd_generate)
+    gen.set_defaults(run=_cmd_generate, command_parser=gen)
 
     inspect = commands.add_parser("inspect", help="show an adapter file's format, ranks, alphas, modules and metadata")
     inspect.add_argument("file")
     inspect.add_argument("--json", action="store_true", help="print JSON")
-    inspect.set_defaults(run=_cmd_inspect)
+    inspect.set_defaults(run=_cmd_inspect, command_parser=inspect)
 
     convert = commands.add_parser("convert", help="rewrite an adapter file in another format")
     convert.add_argument("input", metavar="IN", help="adapter file or folder (any format difflora reads)")
@@ -278,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="output format (peft: a folder with one PEFT adapter folder per component)")
     convert.add_argument("--out", required=True, help="output .safetensors (a new folder for --to peft)")
     convert.add_argument("--strict", action="store_true", help="fail if any key of IN cannot be carried over")
-    convert.set_defaults(run=_cmd_convert)
+    convert.set_defaults(run=_cmd_convert, command_parser=convert)
 
     blend_parser = commands.add_parser("blend", help="blend adapters with weights into one")
     blend_parser.add_argument("adapters", nargs="+", metavar="FILE[:WEIGHT]", help="adapters and weights (negative allowed)")
@@ -288,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     blend_parser.add_argument("--density", type=float, default=0.5, help="share of entries ties/dare keep")
     blend_parser.add_argument("--format", default="difflora", choices=("difflora", "diffusers", "kohya"))
     blend_parser.add_argument("--out", required=True)
-    blend_parser.set_defaults(run=_cmd_blend)
+    blend_parser.set_defaults(run=_cmd_blend, command_parser=blend_parser)
 
     scale = commands.add_parser("scale", help="bake a weight (and block weights) into an adapter file")
     scale.add_argument("input", metavar="IN")
@@ -296,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     scale.add_argument("--block-weights", default=None, metavar="down=…,mid=…,up=…")
     scale.add_argument("--format", default="difflora", choices=("difflora", "diffusers", "kohya"))
     scale.add_argument("--out", required=True)
-    scale.set_defaults(run=_cmd_scale)
+    scale.set_defaults(run=_cmd_scale, command_parser=scale)
 
     resize = commands.add_parser("resize", help="reduce an adapter's rank by SVD, reporting the error")
     resize.add_argument("input", metavar="IN")
@@ -305,30 +274,18 @@ def build_parser() -> argparse.ArgumentParser:
     size.add_argument("--energy", type=float, help="keep the least rank holding this share of the squared singular values")
     resize.add_argument("--format", default="difflora", choices=("difflora", "diffusers", "kohya"))
     resize.add_argument("--out", required=True)
-    resize.set_defaults(run=_cmd_resize)
+    resize.set_defaults(run=_cmd_resize, command_parser=resize)
 
     merge = commands.add_parser("merge", help="bake adapters into a model and write a full diffusers folder")
-    _add_model_options(merge)
+    add_model_options(merge)
     merge.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]", help="adapter and weight (repeatable)")
     merge.add_argument("--out", required=True, help="new folder for a diffusers model, or FILE.safetensors for one single-file checkpoint")
-    merge.set_defaults(run=_cmd_merge)
+    merge.set_defaults(run=_cmd_merge, command_parser=merge)
 
     # Listed for --help only: main() hands "difflora train/webui ..." over before parsing.
     commands.add_parser("train", help="train a LoRA style adapter (difflora train --help lists its options)")
     commands.add_parser("webui", help="start the web UI (difflora webui --help lists its options)")
     return parser
-
-
-def _quiet_libraries() -> None:
-    """Keep the terminal for what the user asked: no weight-loading bars or library chatter (errors still show)."""
-    import diffusers
-    import transformers
-
-    logging.getLogger("accelerate").setLevel(logging.WARNING)  # one INFO line per file of every checkpoint
-    diffusers.utils.logging.set_verbosity_error()
-    diffusers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -344,15 +301,8 @@ def main(argv: list[str] | None = None) -> int:
         return webui_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
-    _quiet_libraries()
-    try:
-        return args.run(args)
-    except DiffloraError as error:
-        print(f"difflora: error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("difflora: interrupted", file=sys.stderr)
-        return 130
+    quiet_libraries()
+    return run_main(lambda: args.run(args), args.command_parser)
 
 
 if __name__ == "__main__":

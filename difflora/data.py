@@ -31,10 +31,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ._files import atomic_path
-from .errors import DiffloraError, InvalidArgumentError
+from .errors import DatasetError, InvalidArgumentError
 
 __all__ = [
-    "IMAGE_SUFFIXES", "BucketBatchSampler", "CaptionedImages", "DataConfig", "DatasetError", "DatasetIndex",
+    "IMAGE_SUFFIXES", "BucketBatchSampler", "CaptionedImages", "DataConfig", "DatasetIndex",
     "ImageItem", "LatentDiskCache", "LatentMemoryCache", "assign_bucket", "cache_key", "can_cache_latents",
     "collate_batch", "load_rgb", "make_buckets", "prepare_image", "process_caption", "scan_dataset",
 ]
@@ -47,10 +47,6 @@ METADATA_FILE = "metadata.jsonl"
 _REPEAT_FOLDER = re.compile(r"^([1-9][0-9]*)_.+$")
 _CACHE_KEY = re.compile(r"^[0-9a-f]{16,128}$")
 _LATENT_CACHE_VERSION = "difflora-latents-1"  # bump when the pixels a key stands for change meaning
-
-
-class DatasetError(DiffloraError):
-    """A data folder is missing, holds no readable image, or has a caption or metadata file that cannot be read."""
 
 
 @dataclass

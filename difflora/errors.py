@@ -14,7 +14,15 @@ class DiffloraError(Exception):
 
 
 class InvalidArgumentError(DiffloraError, ValueError):
-    """An option or argument has a value that cannot be used (a weight that is not a number, a rank <= 0, ...)."""
+    """An option or argument has a value that cannot be used (a weight that is not a number, a rank <= 0, ...).
+
+    ``parameter`` names the Python parameter at fault (``rank``, ``energy``); the message says it in words a library
+    user reads. The command line turns it into its flag (``--rank``) and the web UI into its field.
+    """
+
+    def __init__(self, message: str, parameter: str | None = None) -> None:
+        super().__init__(message)
+        self.parameter = parameter
 
 
 class AdapterFileError(DiffloraError):
@@ -29,16 +37,20 @@ class ModelLoadError(DiffloraError):
     """A model (diffusers folder, single-file checkpoint or hub id) could not be loaded."""
 
 
+class DatasetError(DiffloraError):
+    """A data folder is missing, holds no readable image, or has a caption or metadata file that cannot be read."""
+
+
 class FuseError(DiffloraError):
     """Fusing would write NaN or inf into a base weight (the mix is too large for the weight's precision)."""
 
 
-def finite_number(value, what: str) -> float:
+def finite_number(value, what: str, parameter: str | None = None) -> float:
     """``value`` as a finite float, or :class:`InvalidArgumentError` naming ``what`` (an option, a form field)."""
     try:
         number = float(value)
     except (TypeError, ValueError):
-        raise InvalidArgumentError(f"{what} must be a number, got {value!r}") from None
+        raise InvalidArgumentError(f"{what} must be a number, got {value!r}", parameter) from None
     if not math.isfinite(number):
-        raise InvalidArgumentError(f"{what} must be a finite number, got {value!r}")
+        raise InvalidArgumentError(f"{what} must be a finite number, got {value!r}", parameter)
     return number

@@ -25,7 +25,6 @@ import json
 import math
 import os
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -34,80 +33,23 @@ from safetensors.torch import save_file
 
 from ._files import atomic_directory, atomic_path
 from .errors import AdapterFileError
-from .processors import CLIP_PROJECTIONS, UNET_PROJECTIONS
+from .adapter import AdapterState, LoRAModuleWeights
+from .keys import COMPONENTS, PICKLE_SUFFIXES, split_module_key
 
 __all__ = [
-    "LoRAModuleWeights",
-    "AdapterState",
     "read_adapter",
     "parse_state_dict",
     "write_adapter",
     "to_diffusers_state_dict",
-    "split_module_key",
-    "describe_adapter",
     "to_kohya_state_dict",
     "kohya_metadata",
     "WRITE_LAYOUTS",
     "write_peft_folder",
-    "COMPONENTS",
-    "PICKLE_SUFFIXES",
 ]
 
-COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
-PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 DIFFLORA_FORMAT_VERSION = "1"
 # diffusers reads its LoraConfig per component from this safetensors header key.
 DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"
-
-
-@dataclass
-class LoRAModuleWeights:
-    """One adapted projection: ``ΔW = s · up @ down`` with ``s = alpha / rank`` (``alpha / sqrt(rank)`` for rsLoRA)."""
-
-    down: torch.Tensor  # rank × in_features
-    up: torch.Tensor  # out_features × rank
-    alpha: float
-    use_rslora: bool = False
-
-    @property
-    def rank(self) -> int:
-        return self.down.shape[0]
-
-    @property
-    def scale(self) -> float:
-        return self.alpha / math.sqrt(self.rank) if self.use_rslora else self.alpha / self.rank
-
-
-@dataclass
-class AdapterState:
-    """An adapter as data: canonical module key → factors, plus the string metadata that travels with the file.
-
-    ``skipped`` lists the keys of the file that hold no LoRA difflora can apply (DoRA magnitudes, LyCORIS, ...):
-    they are reported, never silently dropped.
-    """
-
-    modules: dict[str, LoRAModuleWeights]
-    metadata: dict[str, str] = field(default_factory=dict)
-    source_format: str = "difflora"
-    skipped: list[str] = field(default_factory=list)
-
-    def modules_per_component(self) -> dict[str, int]:
-        return dict(collections.Counter(key.split(".", 1)[0] for key in self.modules))
-
-    def ranks(self) -> list[int]:
-        return sorted({weights.rank for weights in self.modules.values()})
-
-    def alphas(self) -> list[float]:
-        return sorted({weights.alpha for weights in self.modules.values()})
-
-
-def split_module_key(key: str) -> tuple[str, str, str]:
-    """``unet.a.b.attn1.to_out.0`` → ``("unet", "a.b.attn1", "to_out.0")``."""
-    component, _, rest = key.partition(".")
-    for projection in UNET_PROJECTIONS + CLIP_PROJECTIONS:
-        if rest.endswith("." + projection):
-            return component, rest[: -len(projection) - 1], projection
-    raise AdapterFileError(f"module {key!r} is not a q/k/v/out attention projection")
 
 
 # ----- reading ------------------------------------------------------------------------------------------------------
@@ -601,22 +543,3 @@ def write_peft_folder(state: AdapterState, folder: str | os.PathLike) -> Path:
             (staging / component / PEFT_CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))
             save_file(tensors, str(staging / component / PEFT_WEIGHTS_FILE), metadata={"format": "pt", "difflora.version": __version__})
     return folder
-
-
-def describe_adapter(state: AdapterState) -> dict:
-    """What ``difflora inspect`` shows: format, ranks, alphas, modules and targets per component, metadata."""
-    targets: dict[str, set[str]] = collections.defaultdict(set)
-    for module_key in state.modules:
-        component, _, projection = split_module_key(module_key)
-        targets[component].add(projection)
-    return {
-        "format": state.source_format,
-        "ranks": state.ranks(),
-        "alphas": state.alphas(),
-        "use_rslora": any(weights.use_rslora for weights in state.modules.values()),
-        "modules": len(state.modules),
-        "modules_per_component": state.modules_per_component(),
-        "targets": {component: sorted(names) for component, names in sorted(targets.items())},
-        "skipped": list(state.skipped),
-        "metadata": dict(state.metadata),
-    }

@@ -21,6 +21,7 @@ from torch import nn
 
 from .blocks import block_of
 from .errors import AdapterShapeError
+from .keys import CLIP_PROJECTIONS, UNET_PROJECTIONS
 from .lora import MultiLoRA
 
 __all__ = [
@@ -29,13 +30,8 @@ __all__ = [
     "CLIPLoRAAttnProcessor",
     "unet_attention_sites",
     "text_encoder_attention_sites",
-    "UNET_PROJECTIONS",
-    "CLIP_PROJECTIONS",
 ]
 
-# Projection paths inside an attention block, as they appear in module names and adapter keys.
-UNET_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
-CLIP_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "out_proj")
 
 
 def _branch_key(projection: str) -> str:

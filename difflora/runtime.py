@@ -28,11 +28,11 @@ from torch import nn
 
 from .blocks import BlockWeights
 from .errors import AdapterFileError, AdapterShapeError, InvalidArgumentError, finite_number
-from .formats import AdapterState, LoRAModuleWeights, read_adapter, split_module_key, write_adapter
+from .adapter import AdapterState, LoRAModuleWeights
+from .formats import read_adapter, write_adapter
+from .keys import TEXT_ENCODERS, adapter_name_from_path, projections_of, split_module_key
 from .lora import LoRAFactors, initial_down
 from .processors import (
-    CLIP_PROJECTIONS,
-    UNET_PROJECTIONS,
     AttentionSite,
     CLIPLoRAAttnProcessor,
     LoRAAttnProcessor,
@@ -44,7 +44,6 @@ __all__ = ["LoRARuntime", "AdapterInfo"]
 
 logger = logging.getLogger("difflora")
 
-_TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 _HOST_ATTRIBUTE = "difflora_lora"  # where a CLIP attention block keeps its LoRA processor
 _STANDARD_PROCESSORS = ("AttnProcessor2_0", "AttnProcessor")
 
@@ -73,7 +72,7 @@ class LoRARuntime:
     def __init__(self, pipe) -> None:
         self.pipe = pipe
         self.components: dict[str, nn.Module] = {"unet": pipe.unet}
-        for name in _TEXT_ENCODERS:
+        for name in TEXT_ENCODERS:
             encoder = getattr(pipe, name, None)
             if encoder is not None:
                 self.components[name] = encoder
@@ -206,7 +205,7 @@ class LoRARuntime:
                     f"{source}: {component}.{path} runs {type(attn.processor).__name__}, not diffusers' standard "
                     "attention; difflora does not put LoRA there"
                 )
-            projections = UNET_PROJECTIONS if component == "unet" else CLIP_PROJECTIONS
+            projections = projections_of(component)
             in_features, out_features = site.projection_shapes(projections)[projection]
             expected_down, expected_up = (weights.rank, in_features), (out_features, weights.rank)
             if tuple(weights.down.shape) != expected_down or tuple(weights.up.shape) != expected_up:
@@ -295,7 +294,7 @@ class LoRARuntime:
         """Read an adapter file and add it; ``name`` defaults to the file's stem."""
         path = Path(path)
         state = read_adapter(path)
-        return self.add_adapter(name or _name_from_path(path), state, weight, block_weights, source=str(path), strict=strict)
+        return self.add_adapter(name or adapter_name_from_path(path), state, weight, block_weights, source=str(path), strict=strict)
 
     def create_adapter(
         self,
@@ -326,7 +325,7 @@ class LoRARuntime:
         for site_key, (site, _) in self._sites.items():
             if site.component not in components or not self._takes_lora(site_key):
                 continue
-            projections = UNET_PROJECTIONS if site.component == "unet" else CLIP_PROJECTIONS
+            projections = projections_of(site.component)
             for projection, (in_features, out_features) in site.projection_shapes(projections).items():
                 if init == "zeros":
                     down, up = initial_down(rank, in_features, generator), torch.zeros(out_features, rank)
@@ -485,8 +484,3 @@ class LoRARuntime:
     def save(self, name: str, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:
         """Write adapter ``name`` to a ``.safetensors`` file that difflora and plain diffusers load."""
         return write_adapter(self.adapter_state(name), path, metadata)
-
-
-def _name_from_path(path: Path) -> str:
-    stem = path.stem if path.is_file() or path.suffix else path.name
-    return stem.replace(".", "_") or "adapter"

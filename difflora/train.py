@@ -391,21 +391,23 @@ def _validate(accelerator, pipe, config: TrainConfig, step: int) -> Path | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .cli import _Parser, _quiet_libraries
+    from ._entry import OneLineErrorParser, quiet_libraries, run_main
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        config = config_from_args(argv, _Parser(prog="difflora train", description="Train a LoRA style adapter."))
-        _quiet_libraries()
+    parser = OneLineErrorParser(prog="difflora train", description="Train a LoRA style adapter.")
+
+    def run() -> int:
+        config = config_from_args(argv, parser)
+        quiet_libraries()
         result = train(config)
-    except DiffloraError as error:
-        print(f"difflora: error: {error}", file=sys.stderr)
-        return 2
-    if result.interrupted:
-        print(f"interrupted at step {result.steps}; checkpoint {result.last_checkpoint}; resume with --resume latest", file=sys.stderr)
-        return 130
-    print(result.adapter_path)
-    return 0
+        if result.interrupted:
+            print(f"interrupted at step {result.steps}; checkpoint {result.last_checkpoint}; resume with --resume latest",
+                  file=sys.stderr)
+            return 130
+        print(result.adapter_path)
+        return 0
+
+    return run_main(run, parser)
 
 
 if __name__ == "__main__":

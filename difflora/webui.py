@@ -26,7 +26,6 @@ import argparse
 import collections
 import dataclasses
 import functools
-import json
 import logging
 import os
 import random
@@ -44,7 +43,9 @@ from ._files import atomic_path
 from .blend import BLEND_METHODS, BlendResult, blend
 from .blocks import BlockWeights
 from .errors import AdapterFileError, DiffloraError, InvalidArgumentError, finite_number
-from .formats import WRITE_LAYOUTS, AdapterState, describe_adapter, read_adapter, write_adapter
+from .adapter import AdapterState
+from .formats import WRITE_LAYOUTS, read_adapter, write_adapter
+from .reports import describe_adapter, error_summary, summary_rows, worst_modules
 from .generate import AdapterUse, GenerationSettings, generate, save_png
 from .runtime import LoRARuntime
 
@@ -143,26 +144,6 @@ class FileKey:
         return cls(str(path), stat.st_mtime_ns, stat.st_size)
 
 
-def trigger_words(metadata: dict[str, str], limit: int = 5) -> list[str]:
-    """Words that call up an adapter: difflora's ``difflora.trigger_words``, else kohya's most frequent tags."""
-    try:
-        words = json.loads(metadata.get("difflora.trigger_words", "[]"))
-        if isinstance(words, list) and words:
-            return [str(word) for word in words][:limit]
-    except json.JSONDecodeError:
-        pass
-    try:
-        frequencies = json.loads(metadata.get("ss_tag_frequency", "{}"))
-    except json.JSONDecodeError:
-        return []
-    counts: collections.Counter[str] = collections.Counter()
-    if isinstance(frequencies, dict):
-        for tags in frequencies.values():  # {dataset folder: {tag: count}}
-            if isinstance(tags, dict):
-                counts.update({str(tag).strip(): int(count) for tag, count in tags.items() if str(count).isdigit()})
-    return [tag for tag, _ in counts.most_common(limit) if tag]
-
-
 class AdapterLibrary:
     """The adapter files of ``--lora-dir`` (top level ``*.safetensors``), with a summary of each.
 
@@ -203,7 +184,6 @@ class AdapterLibrary:
         if key not in self._summaries:
             try:
                 summary = describe_adapter(read_adapter(path))
-                summary["trigger_words"] = trigger_words(summary["metadata"])
             except DiffloraError as error:
                 summary = {"error": str(error)}
             self._summaries[key] = summary
@@ -374,17 +354,12 @@ class SavedBlend:
 
 def error_report(result: BlendResult, method: str) -> str:
     """Markdown summary of a blend's per-module relative errors ‖ΔW_exact − ΔW_result‖ / ‖ΔW_exact‖."""
-    errors = result.relative_errors
-    if not errors:
-        return "no modules"
-    mean = sum(errors.values()) / len(errors)
-    worst = sorted(errors, key=errors.get, reverse=True)
-    lines = [f"**{len(errors)} modules**, relative error per module: mean {mean:.3e}, max {errors[worst[0]]:.3e}"]
+    lines = [error_summary(result.relative_errors)]
     if method == "concat":
         lines.append("(concat is exact: the blend equals the weighted sum of the adapters)")
-    else:
+    elif result.relative_errors:
         lines += ["", "| module | relative error |", "| --- | --- |"]
-        lines += [f"| `{module}` | {errors[module]:.3e} |" for module in worst[:5]]
+        lines += [f"| `{module}` | {error:.3e} |" for module, error in worst_modules(result.relative_errors)]
     return "\n".join(lines)
 
 
@@ -626,9 +601,7 @@ class WebUISession:
 
     @staticmethod
     def _described(state: AdapterState) -> dict:
-        summary = describe_adapter(state)
-        summary["trigger_words"] = trigger_words(summary["metadata"])
-        return summary
+        return describe_adapter(state)
 
     def add_upload(self, uploaded: str | os.PathLike, name: str | None = None) -> str:
         """Copy an uploaded adapter into the adapter folder after reading it as a LoRA file; returns its file name."""
@@ -655,32 +628,8 @@ def _read_upload(path: Path) -> AdapterState:
 
 
 def format_summary(summary: dict, title: str) -> str:
-    """A describe_adapter summary as Markdown: format, ranks, alphas, modules, base model, training settings."""
-    metadata = summary["metadata"]
-    lines = [
-        f"### {title}",
-        f"- **format**: {summary['format']}",
-        f"- **ranks**: {', '.join(map(str, summary['ranks']))}",
-        f"- **alphas**: {', '.join(f'{alpha:g}' for alpha in summary['alphas'])}" + (" (rsLoRA)" if summary["use_rslora"] else ""),
-        "- **modules**: " + ", ".join(f"{component}: {count}" for component, count in summary["modules_per_component"].items()),
-        "- **targets**: " + ", ".join(f"{component}: {'/'.join(names)}" for component, names in summary["targets"].items()),
-    ]
-    if summary.get("trigger_words"):
-        lines.append(f"- **trigger words**: {', '.join(summary['trigger_words'])}")
-    base = metadata.get("difflora.base_model") or metadata.get("ss_sd_model_name") or metadata.get("modelspec.architecture")
-    if base:
-        lines.append(f"- **base model**: {base}")
-    if summary["skipped"]:
-        lines.append(f"- **not applied**: {len(summary['skipped'])} keys difflora cannot apply, e.g. `{summary['skipped'][0]}`")
-    training = metadata.get("difflora.training_config")
-    if training:
-        try:
-            config = json.loads(training)
-            shown = ("steps", "rank", "alpha", "lr", "batch_size", "resolution", "trigger_word", "data", "seed")
-            lines.append("- **training**: " + ", ".join(f"{key} {config.get(key)}" for key in shown if key in config))
-        except json.JSONDecodeError:
-            pass
-    return "\n".join(lines)
+    """A describe_adapter summary as Markdown: the rows ``difflora inspect`` prints."""
+    return "\n".join([f"### {title}", *(f"- **{label}**: {_cell(value)}" for label, value in summary_rows(summary))])
 
 
 # ----- training in the background -----------------------------------------------------------------------------------
@@ -1095,10 +1044,10 @@ def build_app(session: WebUISession) -> gradio.Blocks:
 
 
 def build_parser(prog: str = "difflora webui") -> argparse.ArgumentParser:
-    from .cli import _add_model_options, _Parser
+    from ._entry import OneLineErrorParser, add_model_options
 
-    parser = _Parser(prog=prog, description="Start the difflora web UI (Gradio) on one model and one adapter folder.")
-    _add_model_options(parser)
+    parser = OneLineErrorParser(prog=prog, description="Start the difflora web UI (Gradio) on one model and one adapter folder.")
+    add_model_options(parser)
     parser.add_argument("--lora-dir", required=True,
                         help="adapter folder: the only place the UI reads adapters from and writes files to")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
@@ -1109,9 +1058,16 @@ def build_parser(prog: str = "difflora webui") -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """``difflora webui``: parse options, load the model, serve until Ctrl-C. Bad input: one line, exit code 2."""
-    from .cli import _quiet_libraries
+    from ._entry import run_main
 
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else list(argv))
+    parser = build_parser()
+    args = parser.parse_args(sys.argv[1:] if argv is None else list(argv))
+    return run_main(lambda: _serve(args), parser)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from ._entry import quiet_libraries
+
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logger.setLevel(logging.INFO)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -1123,16 +1079,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import gradio  # noqa: F401
     except ImportError:
-        print("difflora: error: the web UI needs gradio: pip install 'difflora[webui]'", file=sys.stderr)
-        return 2
-    _quiet_libraries()
-    try:
-        session = WebUISession.open(args.model, args.lora_dir, device=args.device, dtype=args.dtype,
-                                    model_config=args.model_config)
-        app = build_app(session)
-    except DiffloraError as error:
-        print(f"difflora: error: {error}", file=sys.stderr)
-        return 2
+        raise InvalidArgumentError("the web UI needs gradio: pip install 'difflora[webui]'") from None
+    quiet_libraries()
+    app = build_app(WebUISession.open(args.model, args.lora_dir, device=args.device, dtype=args.dtype,
+                                      model_config=args.model_config))
     try:
         app.launch(server_name=args.host, server_port=args.port, share=args.share, ssr_mode=False)
     except KeyboardInterrupt:

@@ -4,7 +4,7 @@ import contextlib
 import socket
 
 from difflora import LoRARuntime
-from difflora.formats import AdapterState
+from difflora.adapter import AdapterState
 
 
 def random_adapter(pipe, rank: int, alpha: float, seed: int, components=("unet", "text_encoder")) -> AdapterState:

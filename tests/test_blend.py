@@ -7,7 +7,8 @@ from peft.utils import merge_utils
 from difflora import BlockWeights, LoRARuntime
 from difflora.blend import blend, low_rank_approximation, resize_adapter, scale_adapter
 from difflora.errors import InvalidArgumentError
-from difflora.formats import AdapterState, LoRAModuleWeights, write_adapter
+from difflora.adapter import AdapterState, LoRAModuleWeights
+from difflora.formats import write_adapter
 from difflora.generate import GenerationSettings, generate
 from difflora.models import load_pipeline
 from helpers import random_adapter

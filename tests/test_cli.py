@@ -72,7 +72,7 @@ def test_lora_spec_parsing(tmp_path):
     assert parse_lora_spec("a.safetensors:0.7").weight == 0.7
     assert parse_lora_spec("a.safetensors:-0.3").weight == -0.3
     assert parse_lora_spec("a.safetensors").weight == 1.0
-    with pytest.raises(InvalidArgumentError, match="'abc' is not a number"):
+    with pytest.raises(InvalidArgumentError, match="weight must be a number, got 'abc'"):
         parse_lora_spec("a.safetensors:abc")
 
 
@@ -89,7 +89,7 @@ def bad_inputs(tiny_model_dir, adapter_file, tmp_path):
     model = ["--model", str(tiny_model_dir)]
     common = ["generate", *model, "--prompt", "p", "--steps", "2"]
     return [
-        ([*common, "--lora", f"{adapter_file}:abc", "--out", "o.png"], "weight 'abc' is not a number"),
+        ([*common, "--lora", f"{adapter_file}:abc", "--out", "o.png"], "weight must be a number, got 'abc'"),
         ([*common, "--lora", str(tmp_path / "nope.safetensors"), "--out", "o.png"], "no such file"),
         ([*common, "--lora", str(pickle), "--out", "o.png"], "pickle files"),
         ([*common, "--lora", str(truncated), "--out", "o.png"], "not a readable safetensors"),
@@ -118,7 +118,7 @@ def test_every_bad_input_is_one_line_and_exit_2(tiny_model_dir, adapter_file, tm
 def test_bad_input_from_the_real_command(tmp_path):
     result = run_cli("generate", "--prompt", "p", "--lora", "x.safetensors:abc", "--out", str(tmp_path / "o.png"))
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == ["difflora: error: --lora x.safetensors:abc: weight 'abc' is not a number"]
+    assert result.stderr.strip().splitlines() == ["difflora: error: --lora x.safetensors:abc: weight must be a number, got 'abc'"]
     usage = run_cli("generate", "--steps", "many")
     assert usage.returncode == 2 and len(usage.stderr.strip().splitlines()) == 1
 

@@ -17,7 +17,6 @@ from difflora.data import (
     BucketBatchSampler,
     CaptionedImages,
     DataConfig,
-    DatasetError,
     LatentDiskCache,
     LatentMemoryCache,
     assign_bucket,
@@ -30,7 +29,7 @@ from difflora.data import (
     process_caption,
     scan_dataset,
 )
-from difflora.errors import InvalidArgumentError
+from difflora.errors import DatasetError, InvalidArgumentError
 
 SAMPLES = Path(__file__).resolve().parent.parent / "samples"
 

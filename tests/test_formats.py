@@ -12,7 +12,9 @@ from safetensors.torch import save_file
 import difflora.formats as formats
 from difflora import LoRARuntime
 from difflora.errors import AdapterFileError
-from difflora.formats import AdapterState, LoRAModuleWeights, describe_adapter, read_adapter, write_adapter
+from difflora.adapter import AdapterState, LoRAModuleWeights
+from difflora.formats import read_adapter, write_adapter
+from difflora.reports import describe_adapter
 from difflora.generate import GenerationSettings, generate
 from difflora.models import load_pipeline
 from helpers import random_adapter

@@ -6,7 +6,7 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 
 from difflora import BlockWeights, LoRARuntime
 from difflora.errors import AdapterShapeError, InvalidArgumentError
-from difflora.formats import AdapterState, LoRAModuleWeights
+from difflora.adapter import AdapterState, LoRAModuleWeights
 from difflora.generate import GenerationSettings, generate
 from difflora.models import load_pipeline
 from helpers import random_adapter

@@ -1,0 +1,89 @@
+"""What every command-line entry point shares: the parser whose usage errors are one line, the model options, quiet
+libraries, and the one-line error exit (``difflora: error: …``, exit code 2).
+
+``difflora`` (cli.py), ``difflora train`` / ``python -m difflora.train`` and ``difflora webui`` each build their
+parser here and run through :func:`run_main`; none of them imports another's module for it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Collection
+
+from .errors import DiffloraError
+
+__all__ = ["OneLineErrorParser", "add_model_options", "error_line", "option_strings", "quiet_libraries", "run_main"]
+
+PROGRAM = "difflora"
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (and still exit code 2)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    """``--model``, ``--model-config``, ``--device`` and ``--dtype``, as every command that loads a model has them."""
+    parser.add_argument(
+        "--model",
+        default="embedded",
+        help="'embedded' (the built-in tiny Stable Diffusion, default), a diffusers folder, a single-file "
+        ".safetensors checkpoint, or a hub id (downloads only then)",
+    )
+    parser.add_argument(
+        "--model-config", default=None, help="architecture for a single-file checkpoint (a diffusers folder or hub id)"
+    )
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps (default: auto)")
+    parser.add_argument("--dtype", default="auto", help="auto (fp16 on CUDA, else fp32), fp32, fp16 or bf16")
+
+
+def quiet_libraries() -> None:
+    """Keep the terminal for what the user asked: no weight-loading bars or library chatter (errors still show)."""
+    import diffusers
+    import transformers
+
+    logging.getLogger("accelerate").setLevel(logging.WARNING)  # one INFO line per file of every checkpoint
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def option_strings(parser: argparse.ArgumentParser) -> set[str]:
+    """Every ``--flag`` ``parser`` accepts."""
+    return {option for action in parser._actions for option in action.option_strings}
+
+
+def error_line(error: DiffloraError, flags: Collection[str] = ()) -> str:
+    """The one line a command prints for ``error``.
+
+    A library error that names its parameter (``InvalidArgumentError(…, parameter="rank")``) is told in the
+    command's words where the command has that flag: ``rank must be …`` becomes ``--rank must be …``.
+    """
+    message = " ".join(str(error).split("\n"))
+    parameter = getattr(error, "parameter", None)
+    if parameter:
+        flag = "--" + parameter.replace("_", "-")
+        if flag in flags:
+            if message.startswith((parameter + " ", parameter + ":")):
+                message = flag + message[len(parameter):]
+            elif not message.startswith(flag):
+                message = f"{flag}: {message}"
+    return f"{PROGRAM}: error: {message}"
+
+
+def run_main(run: Callable[[], int], parser: argparse.ArgumentParser | None = None) -> int:
+    """Call ``run`` and return its exit code; bad input (a :class:`DiffloraError`) ends in one line and code 2,
+    Ctrl-C in code 130. ``parser`` gives the flags that library errors are translated to."""
+    try:
+        return run()
+    except DiffloraError as error:
+        print(error_line(error, option_strings(parser) if parser is not None else ()), file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROGRAM}: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,112 @@
+"""What difflora tells a person about an adapter or a blend, once, for the command line and the web UI alike.
+
+:func:`describe_adapter` is the summary as data (``difflora inspect --json`` prints it); :func:`summary_rows` the
+same as labelled lines that the CLI prints as text and the UI as Markdown; :func:`error_summary` the one line about a
+blend's or resize's per-module error.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+
+from .adapter import AdapterState
+from .keys import split_module_key
+
+__all__ = ["describe_adapter", "error_summary", "summary_rows", "trigger_words", "worst_modules"]
+
+# Training options shown from an adapter's difflora.training_config, in this order.
+_TRAINING_SHOWN = ("steps", "rank", "alpha", "lr", "batch_size", "resolution", "trigger_word", "data", "seed")
+
+
+def trigger_words(metadata: dict[str, str], limit: int = 5) -> list[str]:
+    """Words that call up an adapter: difflora's ``difflora.trigger_words``, else kohya's most frequent tags."""
+    try:
+        words = json.loads(metadata.get("difflora.trigger_words", "[]"))
+        if isinstance(words, list) and words:
+            return [str(word) for word in words][:limit]
+    except json.JSONDecodeError:
+        pass
+    try:
+        frequencies = json.loads(metadata.get("ss_tag_frequency", "{}"))
+    except json.JSONDecodeError:
+        return []
+    counts: collections.Counter[str] = collections.Counter()
+    if isinstance(frequencies, dict):
+        for tags in frequencies.values():  # {dataset folder: {tag: count}}
+            if isinstance(tags, dict):
+                counts.update({str(tag).strip(): int(count) for tag, count in tags.items() if str(count).isdigit()})
+    return [tag for tag, _ in counts.most_common(limit) if tag]
+
+
+def describe_adapter(state: AdapterState) -> dict:
+    """Format, ranks, alphas, modules and targets per component, the keys not applied, trigger words, metadata."""
+    targets: dict[str, set[str]] = collections.defaultdict(set)
+    for module_key in state.modules:
+        component, _, projection = split_module_key(module_key)
+        targets[component].add(projection)
+    return {
+        "format": state.source_format,
+        "ranks": state.ranks(),
+        "alphas": state.alphas(),
+        "use_rslora": any(weights.use_rslora for weights in state.modules.values()),
+        "modules": len(state.modules),
+        "modules_per_component": state.modules_per_component(),
+        "targets": {component: sorted(names) for component, names in sorted(targets.items())},
+        "skipped": list(state.skipped),
+        "trigger_words": trigger_words(state.metadata),
+        "metadata": dict(state.metadata),
+    }
+
+
+def _base_model(metadata: dict[str, str]) -> str | None:
+    return metadata.get("difflora.base_model") or metadata.get("ss_sd_model_name") or metadata.get("modelspec.architecture")
+
+
+def _training(metadata: dict[str, str]) -> str | None:
+    try:
+        config = json.loads(metadata.get("difflora.training_config") or "null")
+    except json.JSONDecodeError:
+        return None
+    if not isinstance(config, dict):
+        return None
+    return ", ".join(f"{key} {config[key]}" for key in _TRAINING_SHOWN if key in config) or None
+
+
+def summary_rows(summary: dict) -> list[tuple[str, str]]:
+    """``describe_adapter``'s summary as (label, value) lines, the rows both ``inspect`` and the UI show."""
+    rows = [
+        ("format", summary["format"]),
+        ("ranks", ", ".join(map(str, summary["ranks"]))),
+        ("alphas", ", ".join(f"{alpha:g}" for alpha in summary["alphas"])),
+        ("rsLoRA", "yes" if summary["use_rslora"] else "no"),
+        ("modules", ", ".join(f"{component}: {count}" for component, count in summary["modules_per_component"].items())),
+        ("targets", ", ".join(f"{component}: {'/'.join(names)}" for component, names in summary["targets"].items())),
+    ]
+    metadata = summary["metadata"]
+    optional = [
+        ("trigger words", ", ".join(summary.get("trigger_words") or [])),
+        ("base model", _base_model(metadata)),
+        ("training", _training(metadata)),
+    ]
+    rows += [(label, value) for label, value in optional if value]
+    skipped = summary["skipped"]
+    if skipped:
+        rows.append(("not applied", f"{len(skipped)} keys difflora cannot apply: " + ", ".join(skipped[:10])
+                     + (", ..." if len(skipped) > 10 else "")))
+    return rows
+
+
+def worst_modules(relative_errors: dict[str, float], count: int = 5) -> list[tuple[str, float]]:
+    """The ``count`` modules with the largest relative error, largest first."""
+    ranked = sorted(relative_errors.items(), key=lambda item: item[1], reverse=True)
+    return ranked[:count]
+
+
+def error_summary(relative_errors: dict[str, float]) -> str:
+    """One line on a blend's or resize's per-module relative error ``‖ΔW_exact − ΔW_result‖ / ‖ΔW_exact‖``."""
+    if not relative_errors:
+        return "no modules"
+    (worst, largest), = worst_modules(relative_errors, 1)
+    mean = sum(relative_errors.values()) / len(relative_errors)
+    return f"{len(relative_errors)} modules, relative error per module: mean {mean:.3e}, max {largest:.3e} ({worst})"
