@@ -54,7 +54,7 @@ def held_out(pipe, held_dir: Path) -> float:
     import torch
 
     from difflora.data import CaptionedImages, DataConfig, collate_batch, scan_dataset
-    from difflora.training import TextEmbeddingCache, encode_latents, held_out_loss
+    from difflora.train.steps import TextEmbeddingCache, encode_latents, held_out_loss
 
     config = DataConfig(data_dir=held_dir)
     dataset = CaptionedImages(scan_dataset(config), config)
@@ -68,7 +68,7 @@ def run_difflora(args, train_dir: Path, held_dir: Path, output: Path) -> dict:
     from difflora.models import load_pipeline
     from difflora.runtime import LoRARuntime
     from difflora.train import train
-    from difflora.train_config import make_config
+    from difflora.train.config import make_config
 
     stamps = []
     options = dict(

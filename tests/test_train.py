@@ -20,9 +20,9 @@ from difflora.formats import read_adapter
 from difflora.generate import GenerationSettings, generate
 from difflora.models import load_pipeline
 from difflora.train import TrainingDiverged, train
-from difflora.train_checkpoints import changed_options
-from difflora.train_config import TrainConfig, config_from_args, config_to_dict, make_config
-from difflora.training import TextEmbeddingCache, encode_latents, held_out_loss
+from difflora.train.checkpoints import changed_options
+from difflora.train.config import TrainConfig, config_from_args, config_to_dict, make_config
+from difflora.train.steps import TextEmbeddingCache, encode_latents, held_out_loss
 
 SAMPLES = Path(__file__).resolve().parent.parent / "samples"
 
@@ -122,7 +122,7 @@ def test_resume_names_the_options_that_changed_since_the_checkpoint():
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_model_dir, monkeypatch):
     train_dir, _ = style_split(tmp_path)
-    import difflora.training as training
+    import difflora.train.steps as training
 
     calls = []
     real_loss = training.diffusion_loss
@@ -143,7 +143,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_model_
 def test_latent_cache_on_disk_is_reused_and_invalidated(tmp_path, tiny_model_dir, monkeypatch):
     train_dir, _ = style_split(tmp_path)
     cache = tmp_path / "latents"
-    import difflora.training as training
+    import difflora.train.steps as training
 
     calls = []
     original = training.encode_latents

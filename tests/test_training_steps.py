@@ -10,8 +10,8 @@ from diffusers import DDPMScheduler
 from difflora.errors import InvalidArgumentError
 from difflora.lora import LoRAFactors
 from difflora.train import train
-from difflora.train_config import make_config
-from difflora.training import build_optimizer, diffusion_loss, diffusion_target, draw_noise, lora_parameter_groups
+from difflora.train.config import make_config
+from difflora.train.steps import build_optimizer, diffusion_loss, diffusion_target, draw_noise, lora_parameter_groups
 
 SAMPLES = Path(__file__).resolve().parent.parent / "samples"
 

@@ -3,7 +3,7 @@
     accelerate launch train/train_lora.py --config samples/style.yaml
     torchrun --nproc_per_node 2 train/train_lora.py --config samples/style.yaml
 
-The recipe reads top to bottom in ``difflora/train.py``; this file only makes it launchable as a script.
+The recipe reads top to bottom in ``difflora/train/recipe.py``; this file only makes it launchable as a script.
 """
 
 import sys

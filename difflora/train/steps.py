@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.training_utils import compute_snr
 
-from .errors import InvalidArgumentError
+from ..errors import InvalidArgumentError
 
 __all__ = [
     "NoiseDraw",

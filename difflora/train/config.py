@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from .errors import InvalidArgumentError
+from ..errors import InvalidArgumentError
 
 __all__ = ["TrainConfig", "build_arg_parser", "config_from_args", "load_config_file", "make_config", "config_to_dict"]
 

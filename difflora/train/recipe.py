@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from .errors import DiffloraError, InvalidArgumentError
-from .train_config import TrainConfig, config_from_args, config_to_dict
+from ..errors import DiffloraError, InvalidArgumentError
+from .config import TrainConfig, config_from_args, config_to_dict
 
 logger = logging.getLogger("difflora.train")
 
@@ -77,10 +77,10 @@ def train(config: TrainConfig, progress=None) -> TrainingResult:
     from diffusers.optimization import get_scheduler
     from tqdm.auto import tqdm
 
-    from . import data as datasets
-    from .models import load_pipeline
-    from .runtime import LoRARuntime
-    from .training import (
+    from .. import data as datasets
+    from ..models import load_pipeline
+    from ..runtime import LoRARuntime
+    from .steps import (
         RandomState,
         TextEmbeddingCache,
         build_optimizer,
@@ -91,7 +91,7 @@ def train(config: TrainConfig, progress=None) -> TrainingResult:
         lora_parameter_groups,
         steps_per_epoch,
     )
-    from .train_checkpoints import CheckpointManager
+    from .checkpoints import CheckpointManager
 
     config.validate()
     output_dir = Path(config.output)
@@ -113,7 +113,7 @@ def train(config: TrainConfig, progress=None) -> TrainingResult:
     index = datasets.scan_dataset(data_config)
 
     # 2. Processes, precision, logging.
-    from .models import resolve_device
+    from ..models import resolve_device
 
     if "WORLD_SIZE" not in os.environ:
         # One process that trains more than once (the web UI, tests): accelerate keeps its state in a singleton that
@@ -368,7 +368,7 @@ def _validate(accelerator, pipe, config: TrainConfig, step: int) -> Path | None:
     import numpy as np
     from PIL import Image
 
-    from ._files import atomic_path
+    from .._files import atomic_path
 
     pipe.unet.eval()
     images = []
@@ -391,7 +391,7 @@ def _validate(accelerator, pipe, config: TrainConfig, step: int) -> Path | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ._entry import OneLineErrorParser, quiet_libraries, run_main
+    from .._entry import OneLineErrorParser, quiet_libraries, run_main
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     parser = OneLineErrorParser(prog="difflora train", description="Train a LoRA style adapter.")
@@ -409,6 +409,3 @@ def main(argv: list[str] | None = None) -> int:
 
     return run_main(run, parser)
 
-
-if __name__ == "__main__":
-    sys.exit(main())

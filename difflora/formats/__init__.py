@@ -31,10 +31,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ._files import atomic_directory, atomic_path
-from .errors import AdapterFileError
-from .adapter import AdapterState, LoRAModuleWeights
-from .keys import COMPONENTS, PICKLE_SUFFIXES, split_module_key
+from .._files import atomic_directory, atomic_path
+from ..errors import AdapterFileError
+from ..adapter import AdapterState, LoRAModuleWeights
+from ..keys import COMPONENTS, PICKLE_SUFFIXES, split_module_key
 
 __all__ = [
     "read_adapter",
@@ -476,7 +476,7 @@ def write_adapter(
     Every layout also carries difflora's keys: ``difflora.format``, ``difflora.version``, ``difflora.ranks``,
     ``difflora.alphas``, ``difflora.targets`` and anything in ``state.metadata`` or ``metadata``.
     """
-    from . import __version__
+    from .. import __version__
 
     path = Path(path)
     if path.suffix.lower() != ".safetensors":
@@ -520,7 +520,7 @@ def write_peft_folder(state: AdapterState, folder: str | os.PathLike) -> Path:
 
     The folder is built beside ``folder`` and renamed into place, so a failure leaves nothing behind.
     """
-    from . import __version__
+    from .. import __version__
 
     folder = Path(folder)
     if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):

@@ -39,15 +39,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ._files import atomic_path
-from .blend import BLEND_METHODS, BlendResult, blend
-from .blocks import BlockWeights
-from .errors import AdapterFileError, DiffloraError, InvalidArgumentError, finite_number
-from .adapter import AdapterState
-from .formats import WRITE_LAYOUTS, read_adapter, write_adapter
-from .reports import describe_adapter, error_summary, summary_rows, worst_modules
-from .generate import AdapterUse, GenerationSettings, generate, save_png
-from .runtime import LoRARuntime
+from .._files import atomic_path
+from ..blend import BLEND_METHODS, BlendResult, blend
+from ..blocks import BlockWeights
+from ..errors import AdapterFileError, DiffloraError, InvalidArgumentError, finite_number
+from ..adapter import AdapterState
+from ..formats import WRITE_LAYOUTS, read_adapter, write_adapter
+from ..reports import describe_adapter, error_summary, summary_rows, worst_modules
+from ..generate import AdapterUse, GenerationSettings, generate, save_png
+from ..runtime import LoRARuntime
 
 if TYPE_CHECKING:
     import gradio
@@ -396,7 +396,7 @@ class WebUISession:
     def open(cls, model: str, lora_dir: str | os.PathLike, *, device: str = "auto", dtype: str = "auto",
              model_config: str | None = None) -> WebUISession:
         """Load ``model`` (as ``--model`` names it) and start a session on ``lora_dir``."""
-        from .models import load_pipeline, resolve_device, resolve_dtype
+        from ..models import load_pipeline, resolve_device, resolve_dtype
 
         AdapterLibrary(lora_dir)  # a missing folder fails before the (slow) model load
         resolved_device = resolve_device(device)
@@ -693,7 +693,7 @@ class TrainingJob:
         return folder
 
     def _config(self, request: TrainRequest):
-        from .train_config import make_config
+        from ..train import make_config
 
         name = (request.name or "").strip()
         if not re.fullmatch(r"[A-Za-z0-9_-]+", name):
@@ -741,7 +741,7 @@ class TrainingJob:
             return self.status()
 
     def _run(self, config) -> None:
-        from .train import train
+        from ..train import train
 
         def on_step(step: int, total: int, loss: float) -> None:
             self._update(step=step, total=total, loss=loss, message=f"training {config.name}: step {step}/{total}")
@@ -1044,7 +1044,7 @@ def build_app(session: WebUISession) -> gradio.Blocks:
 
 
 def build_parser(prog: str = "difflora webui") -> argparse.ArgumentParser:
-    from ._entry import OneLineErrorParser, add_model_options
+    from .._entry import OneLineErrorParser, add_model_options
 
     parser = OneLineErrorParser(prog=prog, description="Start the difflora web UI (Gradio) on one model and one adapter folder.")
     add_model_options(parser)
@@ -1058,7 +1058,7 @@ def build_parser(prog: str = "difflora webui") -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """``difflora webui``: parse options, load the model, serve until Ctrl-C. Bad input: one line, exit code 2."""
-    from ._entry import run_main
+    from .._entry import run_main
 
     parser = build_parser()
     args = parser.parse_args(sys.argv[1:] if argv is None else list(argv))
@@ -1066,7 +1066,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from ._entry import quiet_libraries
+    from .._entry import quiet_libraries
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logger.setLevel(logging.INFO)
@@ -1091,6 +1091,3 @@ def _serve(args: argparse.Namespace) -> int:
         app.close()
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -14,9 +14,9 @@ import re
 import shutil
 from pathlib import Path
 
-from .errors import InvalidArgumentError
-from .formats import read_adapter
-from .train_config import config_to_dict
+from ..errors import InvalidArgumentError
+from ..formats import read_adapter
+from .config import config_to_dict
 
 __all__ = ["CheckpointManager", "changed_options"]
 
