@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -53,9 +54,17 @@ def test_generate_writes_png_with_parameters_and_matches_library(tiny_model_dir,
 
 
 def test_generate_on_embedded_default_and_fused(tmp_path, adapter_file, capsys):
-    out = tmp_path / "fused.png"
-    assert main(["generate", "--lora", str(adapter_file), "--prompt", "x", "--steps", "2", "--fuse", "--out", str(out)]) == 0
-    assert out.exists() and Image.open(out).size == (64, 64)
+    common = ["generate", "--prompt", "x", "--steps", "2"]
+    images = {}
+    for name, extra in (("fused", ["--lora", str(adapter_file), "--fuse"]), ("unfused", ["--lora", str(adapter_file)]),
+                        ("base", [])):
+        out = tmp_path / f"{name}.png"
+        assert main([*common, *extra, "--out", str(out)]) == 0
+        images[name] = np.asarray(Image.open(out).convert("RGB"), dtype=np.int16)
+    assert images["fused"].shape == (64, 64, 3)
+    # Fusing bakes the same mix into the weights: the same image up to rounding, and the adapter's, not the base's.
+    assert np.abs(images["fused"] - images["unfused"]).max() <= 1
+    assert np.abs(images["fused"] - images["base"]).max() > 8
 
 
 def test_inspect_names_format_ranks_alphas_modules(adapter_file, capsys):
@@ -123,9 +132,14 @@ def test_bad_input_from_the_real_command(tmp_path):
     assert usage.returncode == 2 and len(usage.stderr.strip().splitlines()) == 1
 
 
-def test_init_model_writes_a_loadable_folder(tmp_path, capsys):
+def test_init_model_writes_a_loadable_folder(tiny_model_dir, tmp_path, capsys):
     assert main(["init-model", str(tmp_path / "tiny")]) == 0
-    assert (tmp_path / "tiny" / "model_index.json").exists()
+    written = load_pipeline(tmp_path / "tiny", quiet=True)
+    reference = load_pipeline(tiny_model_dir, quiet=True)  # the embedded model, seed 0
+    for component in ("unet", "vae", "text_encoder"):
+        ours, theirs = getattr(written, component).state_dict(), getattr(reference, component).state_dict()
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[key], theirs[key]) for key in ours)
+    assert written.tokenizer("a red fox").input_ids == reference.tokenizer("a red fox").input_ids
     assert main(["init-model", str(tmp_path / "tiny")]) == 2  # not over an existing model
 
 
@@ -165,7 +179,14 @@ def test_blend_scale_resize_commands(adapter_file, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "relative error per module" in err
     assert read_adapter(blended).ranks() == [2]
-    assert main(["scale", str(adapter_file), "--weight", "0.5", "--block-weights", "up=0", "--out", str(tmp_path / "s.safetensors")]) == 0
+    scaled = tmp_path / "s.safetensors"
+    assert main(["scale", str(adapter_file), "--weight", "0.5", "--block-weights", "up=0", "--out", str(scaled)]) == 0
+    original, written = read_adapter(adapter_file), read_adapter(scaled)
+    assert written.modules.keys() == original.modules.keys()
+    for key, module in original.modules.items():
+        expected = 0.0 if key.startswith("unet.up_blocks.") else 0.5  # --weight 0.5, and up=0 in the up blocks
+        delta = written.modules[key].scale * written.modules[key].up @ written.modules[key].down
+        torch.testing.assert_close(delta, expected * module.scale * module.up @ module.down, rtol=1e-5, atol=1e-7)
     assert main(["resize", str(adapter_file), "--energy", "0.9", "--format", "kohya", "--out", str(tmp_path / "r.safetensors")]) == 0
     assert read_adapter(tmp_path / "r.safetensors").source_format == "kohya"
     assert main(["blend", f"{adapter_file}:x", "--out", str(tmp_path / "bad.safetensors")]) == 2

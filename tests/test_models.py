@@ -145,6 +145,17 @@ def test_losing_the_build_race_uses_the_winners_copy(tiny_model_dir, tmp_path, m
     monkeypatch.setattr(models, "build_tiny_model", another_process_wins)
     assert ensure_default_model() == default_model_dir()
 
+    # A failure with no winner's copy in place is the caller's to see, not swallowed.
+    shutil.rmtree(default_model_dir())
+
+    def disk_full(output_dir, seed=0):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(models, "build_tiny_model", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        ensure_default_model()
+    assert not default_model_dir().exists()
+
 
 # ----- loading ------------------------------------------------------------------------------------------------------
 

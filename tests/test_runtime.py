@@ -217,11 +217,26 @@ def test_bad_adapters_leave_the_pipeline_as_it_was(pipe):
     assert (image(pipe) == before).all()
 
 
+def unet_output(pipe, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    latents = torch.randn(1, 4, 16, 16, generator=generator)
+    context = torch.randn(1, 77, pipe.unet.config.cross_attention_dim, generator=generator)
+    with torch.no_grad():
+        return pipe.unet(latents, torch.tensor([500]), context).sample
+
+
 def test_adapter_named_like_a_module_attribute(pipe):
     runtime = LoRARuntime.attach(pipe)
-    runtime.create_adapter("train", rank=2, init="random", seed=1)
+    base = unet_output(pipe)
+    runtime.create_adapter("train", rank=2, components=("unet",), init="random", seed=1)
     runtime.set_weight("train", 0.5)
-    assert runtime.adapter_state("train").modules
+    with_train = unet_output(pipe)
+    state = runtime.adapter_state("train")
+    assert state.modules
+    runtime.remove_all()
+    runtime.add_adapter("plain_name", state, weight=0.5)  # the same adapter under an ordinary name
+    torch.testing.assert_close(with_train, unet_output(pipe), rtol=0, atol=0)
+    assert (with_train - base).abs().max() > 1e-3  # and the weight took: the adapter acts
 
 
 def test_a_load_that_fails_midway_changes_nothing(pipe, monkeypatch):
@@ -258,14 +273,21 @@ def test_a_load_that_fails_midway_changes_nothing(pipe, monkeypatch):
 
 def test_factors_stay_fp32_when_the_pipeline_is_cast(pipe):
     runtime = LoRARuntime.attach(pipe)
-    runtime.add_adapter("a", random_adapter(pipe, 4, 8, seed=13), weight=0.7)
+    fp32_base = image(pipe)
+    runtime.add_adapter("a", random_adapter(pipe, 4, 8, seed=13), weight=0.42)
+    fp32_weaker = image(pipe)  # the adapter at 60% of its weight, which a cast must not turn it into
+    runtime.set_weight("a", 0.7)
     fp32_image = image(pipe)
     factors = [p.detach().clone() for p in runtime.parameters("a")]
     pipe.to(torch.bfloat16)
     assert pipe.unet.dtype == torch.bfloat16
     assert all(p.dtype == torch.float32 for p in runtime.parameters("a"))
     bf16_image = image(pipe)
-    assert abs(bf16_image - fp32_image).max() < 0.1  # bf16 rounding only
+    runtime.disable("a")
+    rounding = abs(image(pipe) - fp32_base).max()  # what bf16 rounding alone does to this image
+    runtime.enable("a")
+    assert abs(bf16_image - fp32_image).max() <= 2 * rounding  # bf16 rounding only
+    assert abs(fp32_weaker - fp32_image).max() > 3 * rounding  # so a weaker (or stronger) adapter would show
     pipe.to(torch.float32)  # the base weights were rounded to bf16 and stay so; the factors were never rounded
     assert all(torch.equal(p, kept) for p, kept in zip(runtime.parameters("a"), factors))
 
