@@ -27,13 +27,22 @@ from torch.nn.modules import module as _module_globals
 
 from .errors import FuseError, InvalidArgumentError
 
-__all__ = ["lora_scale", "initial_down", "merged_form_is_cheaper", "LoRAFactors", "MultiLoRA", "ActiveAdapter", "AdapterDict"]
+__all__ = [
+    "ActiveAdapter",
+    "AdapterDict",
+    "LoRAFactors",
+    "MultiLoRA",
+    "initial_down",
+    "initial_factors",
+    "lora_scale",
+    "merged_form_is_cheaper",
+]
 
 
 def lora_scale(rank: int, alpha: float, use_rslora: bool = False) -> float:
     """The factor ``s`` that multiplies ``B A``: ``alpha / rank``, or ``alpha / sqrt(rank)`` for rsLoRA."""
     if rank <= 0:
-        raise InvalidArgumentError(f"rank must be a positive integer, got {rank}")
+        raise InvalidArgumentError(f"rank must be a positive integer, got {rank}", "rank")
     return alpha / math.sqrt(rank) if use_rslora else alpha / rank
 
 
@@ -46,6 +55,27 @@ def initial_down(rank: int, in_features: int, generator: torch.Generator | None 
     difflora alike (docs/benchmarks.md).
     """
     return torch.randn(rank, in_features, generator=generator) / rank
+
+
+INITIALISATIONS = ("zeros", "random")
+
+
+def initial_factors(
+    rank: int, in_features: int, out_features: int, init: str = "zeros", generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(down, up)`` of a new adapter, fp32: rank × in_features and out_features × rank.
+
+    ``init="zeros"`` starts training: ``down`` from :func:`initial_down`, ``up = 0``, so ``ΔW = 0`` (LoRA's own
+    choice). ``init="random"`` draws both as ``nn.Linear`` draws a weight (uniform in ±1/sqrt(fan_in)): an adapter that
+    changes the output, for tests and benchmarks.
+    """
+    if init == "zeros":
+        return initial_down(rank, in_features, generator), torch.zeros(out_features, rank)
+    if init == "random":
+        down = (torch.rand(rank, in_features, generator=generator) * 2 - 1) / in_features**0.5
+        up = (torch.rand(out_features, rank, generator=generator) * 2 - 1) / rank**0.5
+        return down, up
+    raise InvalidArgumentError(f"init must be one of {', '.join(INITIALISATIONS)}, got {init!r}", "init")
 
 
 # How much more arithmetic the merged form may do and still be taken, measured per layer on a CPU. Training: rank-wide
@@ -123,7 +153,7 @@ class LoRAFactors(nn.Module):
         super().__init__()
         for option, value in (("in_features", in_features), ("out_features", out_features), ("rank", rank)):
             if not isinstance(value, int) or value <= 0:
-                raise InvalidArgumentError(f"{option} must be a positive integer, got {value!r}")
+                raise InvalidArgumentError(f"{option} must be a positive integer, got {value!r}", option)
         self.in_features = in_features
         self.out_features = out_features
         self.rank = rank
@@ -368,6 +398,16 @@ class MultiLoRA(nn.Module):
             return
         with torch.no_grad():
             base.weight.copy_(self.original_weight)
+        self._forget_original()
+
+    def commit_fuse(self) -> None:
+        """Make a fuse permanent: the fused weight stays in the base layer and the original is dropped, so nothing
+        can unfuse it. The branch then adds nothing of its own (``fused`` is off and its adapters are the caller's
+        to remove)."""
+        if self.fused:
+            self._forget_original()
+
+    def _forget_original(self) -> None:
         del self.original_weight
         self.fused = False
 

@@ -13,6 +13,7 @@ which leaves the text encoder's own attention code untouched.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -26,11 +27,20 @@ from .lora import MultiLoRA
 
 __all__ = [
     "AttentionSite",
-    "LoRAAttnProcessor",
     "CLIPLoRAAttnProcessor",
-    "unet_attention_sites",
+    "InstalledProcessors",
+    "LoRAAttnProcessor",
+    "SiteOnModel",
+    "attention_sites",
+    "install_processors",
     "text_encoder_attention_sites",
+    "unet_attention_sites",
 ]
+
+# diffusers' own attention processors, whose maths LoRAAttnProcessor reproduces. A block running another one
+# (IP-Adapter, a custom attention) computes something else: it keeps its processor and takes no LoRA.
+STANDARD_PROCESSORS = ("AttnProcessor2_0", "AttnProcessor")
+_HOST_ATTRIBUTE = "difflora_lora"  # where a CLIP attention block keeps its LoRA processor (so it follows .to())
 
 
 
@@ -93,7 +103,7 @@ def unet_attention_sites(unet: nn.Module) -> list[AttentionSite]:
         is_cross = path.endswith("attn2")
         block_cross_dim = cross_attention_dim if is_cross else None
         if is_cross and block_cross_dim is None:
-            block_cross_dim = _module(unet, path).to_k.in_features
+            block_cross_dim = unet.get_submodule(path).to_k.in_features
         sites.append(AttentionSite("unet", path, kind, index, hidden, block_cross_dim))
     return sites
 
@@ -106,10 +116,6 @@ def text_encoder_attention_sites(text_encoder: nn.Module, component: str = "text
         if name.endswith("self_attn") and all(hasattr(module, p) for p in CLIP_PROJECTIONS):
             sites.append(AttentionSite(component, name.removeprefix("text_model."), "text", None, hidden, None))
     return sites
-
-
-def _module(root: nn.Module, path: str) -> nn.Module:
-    return root.get_submodule(path)
 
 
 def _linear(attn: nn.Module, projection: str) -> nn.Linear:
@@ -137,17 +143,10 @@ class _LoRAAttentionHost(nn.Module):
     def branch(self, projection: str) -> MultiLoRA:
         return self.branches[_branch_key(projection)]
 
-    def fuse(self, attn: nn.Module) -> None:
+    def projection_branches(self, attn: nn.Module) -> Iterator[tuple[str, MultiLoRA, nn.Linear]]:
+        """(projection, its branch, the layer it adapts) for the four projections of ``attn``, in order."""
         for projection in self.projections:
-            self.branch(projection).fuse(_linear(attn, projection))
-
-    def unfuse(self, attn: nn.Module) -> None:
-        for projection in self.projections:
-            self.branch(projection).unfuse(_linear(attn, projection))
-
-    @property
-    def fused(self) -> bool:
-        return any(branch.fused for branch in self.branches.values())
+            yield projection, self.branch(projection), _linear(attn, projection)
 
 
 def _with_delta(output: torch.Tensor, branch: MultiLoRA, x: torch.Tensor) -> torch.Tensor:
@@ -257,3 +256,86 @@ class CLIPLoRAAttnProcessor(_LoRAAttentionHost):
         for handle in self._hook_handles:
             handle.remove()
         self._hook_handles = []
+
+
+# ----- finding the blocks and installing the processors ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SiteOnModel:
+    """An attention site and the attention module of the model it describes."""
+
+    site: AttentionSite
+    attention: nn.Module
+
+    @property
+    def runs_standard_attention(self) -> bool:
+        """Whether difflora can host LoRA here: CLIP attention, or a UNet block on diffusers' standard processor."""
+        return self.site.component != "unet" or type(self.attention.processor).__name__ in STANDARD_PROCESSORS
+
+
+def attention_sites(components: dict[str, nn.Module]) -> dict[str, SiteOnModel]:
+    """Every attention block of a pipeline's ``unet`` and text encoders, keyed ``"<component>.<path>"``."""
+    found: dict[str, SiteOnModel] = {}
+    for component, model in components.items():
+        if component == "unet":
+            for site in unet_attention_sites(model):
+                found[f"unet.{site.path}"] = SiteOnModel(site, model.get_submodule(site.path))
+            continue
+        modules = dict(model.named_modules())
+        for site in text_encoder_attention_sites(model, component):
+            attention = modules.get(site.path) or modules[f"text_model.{site.path}"]
+            found[f"{component}.{site.path}"] = SiteOnModel(site, attention)
+    return found
+
+
+class InstalledProcessors:
+    """LoRA processors installed on a pipeline's attention blocks, and what they replaced.
+
+    :meth:`restore` puts the model's own processors back (UNet) and removes the hooks (CLIP). ``hosts`` maps each
+    site key to its processor.
+    """
+
+    def __init__(self, unet: nn.Module, sites: dict[str, SiteOnModel],
+                 hosts: dict[str, LoRAAttnProcessor | CLIPLoRAAttnProcessor], original_unet_processors: dict) -> None:
+        self.unet = unet
+        self.sites = sites
+        self.hosts = hosts
+        self._original_unet_processors = original_unet_processors
+
+    def branches(self) -> Iterator[tuple[str, MultiLoRA, nn.Linear]]:
+        """(module key ``<site key>.<projection>``, branch, adapted layer) for every projection of every host."""
+        for site_key, host in self.hosts.items():
+            for projection, branch, layer in host.projection_branches(self.sites[site_key].attention):
+                yield f"{site_key}.{projection}", branch, layer
+
+    def restore(self) -> None:
+        for site_key, host in self.hosts.items():
+            if isinstance(host, CLIPLoRAAttnProcessor):
+                host.uninstall()
+                delattr(self.sites[site_key].attention, _HOST_ATTRIBUTE)
+        self.unet.set_attn_processor(self._original_unet_processors)
+        self.hosts = {}
+
+
+def install_processors(unet: nn.Module, sites: dict[str, SiteOnModel]) -> InstalledProcessors:
+    """A LoRA processor on every site of ``sites`` (empty branches), returning the handle that restores the model.
+
+    Every processor is built before the model changes, so a block whose sizes do not fit raises with the model as it
+    was. Sites not running diffusers' standard attention are left alone.
+    """
+    hosts: dict[str, LoRAAttnProcessor | CLIPLoRAAttnProcessor] = {}
+    for site_key, placed in sites.items():
+        if placed.runs_standard_attention:
+            host_class = LoRAAttnProcessor if placed.site.component == "unet" else CLIPLoRAAttnProcessor
+            hosts[site_key] = host_class(placed.site, placed.attention)
+    originals = dict(unet.attn_processors)
+    unet.set_attn_processor({
+        name: hosts.get(f"unet.{name.removesuffix('.processor')}", processor) for name, processor in originals.items()
+    })
+    for site_key, host in hosts.items():
+        if isinstance(host, CLIPLoRAAttnProcessor):
+            attention = sites[site_key].attention
+            attention.add_module(_HOST_ATTRIBUTE, host)
+            host.install(attention)
+    return InstalledProcessors(unet, sites, hosts, originals)

@@ -26,26 +26,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .adapter import AdapterState, LoRAModuleWeights
 from .blocks import BlockWeights
 from .errors import AdapterFileError, AdapterShapeError, InvalidArgumentError, finite_number
-from .adapter import AdapterState, LoRAModuleWeights
 from .formats import read_adapter, write_adapter
 from .keys import TEXT_ENCODERS, adapter_name_from_path, projections_of, split_module_key
-from .lora import LoRAFactors, initial_down
-from .processors import (
-    AttentionSite,
-    CLIPLoRAAttnProcessor,
-    LoRAAttnProcessor,
-    text_encoder_attention_sites,
-    unet_attention_sites,
-)
+from .lora import LoRAFactors, MultiLoRA, initial_factors
+from .processors import InstalledProcessors, SiteOnModel, attention_sites, install_processors
 
 __all__ = ["LoRARuntime", "AdapterInfo"]
 
 logger = logging.getLogger("difflora")
-
-_HOST_ATTRIBUTE = "difflora_lora"  # where a CLIP attention block keeps its LoRA processor
-_STANDARD_PROCESSORS = ("AttnProcessor2_0", "AttnProcessor")
 
 
 @dataclass(frozen=True)
@@ -56,7 +47,7 @@ class AdapterInfo:
     weight: float
     enabled: bool
     block_weights: BlockWeights
-    modules: int
+    module_count: int
     ranks: tuple[int, ...]
     alphas: tuple[float, ...]
     source: str | None = None
@@ -76,19 +67,8 @@ class LoRARuntime:
             encoder = getattr(pipe, name, None)
             if encoder is not None:
                 self.components[name] = encoder
-        # site key "<component>.<path>" → (site, the attention module it sits on)
-        self._sites: dict[str, tuple[AttentionSite, nn.Module]] = {}
-        for site in unet_attention_sites(pipe.unet):
-            self._sites[f"unet.{site.path}"] = (site, pipe.unet.get_submodule(site.path))
-        for component, encoder in self.components.items():
-            if component == "unet":
-                continue
-            modules = dict(encoder.named_modules())
-            for site in text_encoder_attention_sites(encoder, component):
-                attn = modules.get(site.path) or modules[f"text_model.{site.path}"]
-                self._sites[f"{component}.{site.path}"] = (site, attn)
-        self._processors: dict[str, LoRAAttnProcessor | CLIPLoRAAttnProcessor] = {}
-        self._original_unet_processors: dict | None = None
+        self._sites: dict[str, SiteOnModel] = attention_sites(self.components)
+        self._installed: InstalledProcessors | None = None  # while any adapter is loaded
         self._adapters: dict[str, AdapterInfo] = {}
         self._fused = False
 
@@ -110,67 +90,33 @@ class LoRARuntime:
     def fused(self) -> bool:
         return self._fused
 
-    @property
-    def sites(self) -> list[AttentionSite]:
-        return [site for site, _ in self._sites.values()]
-
     def _info(self, name: str) -> AdapterInfo:
         if name not in self._adapters:
             known = ", ".join(self._adapters) or "none"
-            raise InvalidArgumentError(f"no adapter named {name!r} (loaded: {known})")
+            raise InvalidArgumentError(f"no adapter named {name!r} (loaded: {known})", "name")
         return self._adapters[name]
 
-    # ----- processors ---------------------------------------------------------------------------------------------
-    def _install(self) -> None:
-        if self._processors:
-            return
-        unet = self.components["unet"]
-        # Build every processor first (a block whose sizes do not fit raises here), then change the model. Blocks
-        # running another processor (IP-Adapter, custom attention) keep it and take no LoRA.
-        built = {}
-        for site_key, (site, attn) in self._sites.items():
-            if self._takes_lora(site_key):
-                built[site_key] = (LoRAAttnProcessor if site.component == "unet" else CLIPLoRAAttnProcessor)(site, attn)
-        originals = dict(unet.attn_processors)
-        unet.set_attn_processor({
-            name: built.get(f"unet.{name.removesuffix('.processor')}", processor) for name, processor in originals.items()
-        })
-        for site_key, processor in built.items():
-            if isinstance(processor, CLIPLoRAAttnProcessor):
-                attn = self._sites[site_key][1]
-                # A submodule of the block, so it follows the text encoder's .to(device, dtype).
-                attn.add_module(_HOST_ATTRIBUTE, processor)
-                processor.install(attn)
-        self._original_unet_processors = originals
-        self._processors = built
-
     def _takes_lora(self, site_key: str) -> bool:
-        """Whether difflora can host LoRA on this block: CLIP attention, or a UNet block on diffusers' standard
-        attention (another processor, e.g. IP-Adapter's, computes something difflora's processor would not)."""
-        site, attn = self._sites[site_key]
-        if site.component != "unet" or site_key in self._processors:
-            return True
-        return type(attn.processor).__name__ in _STANDARD_PROCESSORS
+        installed = self._installed is not None and site_key in self._installed.hosts
+        return installed or self._sites[site_key].runs_standard_attention
 
-    def _uninstall(self) -> None:
-        if not self._processors:
-            return
-        for site_key, processor in self._processors.items():
-            _, attn = self._sites[site_key]
-            if isinstance(processor, CLIPLoRAAttnProcessor):
-                processor.uninstall()
-                delattr(attn, _HOST_ATTRIBUTE)
-        self.components["unet"].set_attn_processor(self._original_unet_processors)
-        self._processors = {}
-        self._original_unet_processors = None
+    def _branches(self) -> Iterator[tuple[str, MultiLoRA, nn.Linear]]:
+        """(module key, branch, adapted layer) for every projection that carries LoRA now."""
+        if self._installed is not None:
+            yield from self._installed.branches()
+
+    def _factors_of(self, name: str) -> Iterator[tuple[str, LoRAFactors]]:
+        """(module key, factors) of adapter ``name``, in the model's order."""
+        for module_key, branch, _ in self._branches():
+            if name in branch.adapters:
+                yield module_key, branch.adapters[name]
 
     def _refresh_multipliers(self, name: str) -> None:
         info = self._adapters[name]
-        for site_key, processor in self._processors.items():
-            site, _ = self._sites[site_key]
-            factor = info.block_weights.factor(site.component, site.path) if info.enabled else 0.0
-            for branch in processor.branches.values():
-                branch.set_multiplier(name, info.weight * factor)
+        for module_key, branch, _ in self._branches():
+            component, _, path = module_key.partition(".")
+            factor = info.block_weights.factor(component, path) if info.enabled else 0.0
+            branch.set_multiplier(name, info.weight * factor)
 
     @contextlib.contextmanager
     def _changing(self) -> Iterator[None]:
@@ -187,26 +133,26 @@ class LoRARuntime:
     # ----- adding -------------------------------------------------------------------------------------------------
     def _check_name(self, name: str, replace_existing: bool) -> None:
         if not isinstance(name, str) or not name or "." in name or name.strip() != name:
-            raise InvalidArgumentError(f"adapter name {name!r} must be non-empty, without dots or outer spaces")
+            raise InvalidArgumentError(f"adapter name {name!r} must be non-empty, without dots or outer spaces", "name")
         if name in self._adapters and not replace_existing:
-            raise InvalidArgumentError(f"an adapter named {name!r} is already loaded; remove it or pick another name")
+            raise InvalidArgumentError(
+                f"an adapter named {name!r} is already loaded; remove it or pick another name", "name"
+            )
 
-    def _check_fits(self, state: AdapterState, source: str) -> dict[str, tuple[str, str]]:
-        """Map every module of ``state`` to (site key, projection), raising before anything changes if one misfits."""
-        placement = {}
+    def _check_fits(self, state: AdapterState, source: str) -> None:
+        """Raise before anything changes if a module of ``state`` has no place in this model or does not fit it."""
         for module_key, weights in state.modules.items():
             component, path, projection = split_module_key(module_key)
             site_key = f"{component}.{path}"
             if site_key not in self._sites:
                 raise AdapterShapeError(f"{source}: module {module_key!r} is not an attention projection of this model")
-            site, attn = self._sites[site_key]
+            placed = self._sites[site_key]
             if not self._takes_lora(site_key):
                 raise AdapterShapeError(
-                    f"{source}: {component}.{path} runs {type(attn.processor).__name__}, not diffusers' standard "
-                    "attention; difflora does not put LoRA there"
+                    f"{source}: {site_key} runs {type(placed.attention.processor).__name__}, not diffusers' "
+                    "standard attention; difflora does not put LoRA there"
                 )
-            projections = projections_of(component)
-            in_features, out_features = site.projection_shapes(projections)[projection]
+            in_features, out_features = placed.site.projection_shapes(projections_of(component))[projection]
             expected_down, expected_up = (weights.rank, in_features), (out_features, weights.rank)
             if tuple(weights.down.shape) != expected_down or tuple(weights.up.shape) != expected_up:
                 raise AdapterShapeError(
@@ -215,8 +161,22 @@ class LoRARuntime:
                 )
             if not (torch.isfinite(weights.down).all() and torch.isfinite(weights.up).all()):
                 raise AdapterShapeError(f"{source}: module {module_key!r} holds NaN or inf values")
-            placement[module_key] = (site_key, projection)
-        return placement
+
+    def _build_factors(self, state: AdapterState) -> dict[str, LoRAFactors]:
+        """Frozen fp32 factors for every module of ``state``, each on the device of the layer it adapts."""
+        built = {}
+        for module_key, weights in state.modules.items():
+            component, path, _ = split_module_key(module_key)
+            device = next(self._sites[f"{component}.{path}"].attention.parameters()).device
+            factors = LoRAFactors.from_tensors(
+                weights.down.to(device=device, dtype=torch.float32),
+                weights.up.to(device=device, dtype=torch.float32),
+                alpha=weights.alpha,
+                use_rslora=weights.use_rslora,
+            )
+            factors.requires_grad_(False)
+            built[module_key] = factors
+        return built
 
     def add_adapter(
         self,
@@ -247,33 +207,23 @@ class LoRARuntime:
                 raise AdapterFileError(f"{where}: {len(state.skipped)} keys difflora cannot apply (strict): {listed}")
             logger.warning("%s: %d keys difflora cannot apply were not loaded: %s", where, len(state.skipped), listed)
         weight = finite_number(weight, f"weight of {name!r}")
-        placement = self._check_fits(state, where)
+        self._check_fits(state, where)
         # Every factor is built before the model changes, so a failure here (bad values, out of memory) changes nothing.
-        built = []
-        for module_key, weights in state.modules.items():
-            site_key, projection = placement[module_key]
-            # Beside the layer it adapts; LoRA factors stay fp32 whatever the model's dtype.
-            device = next(self._sites[site_key][1].parameters()).device
-            factors = LoRAFactors.from_tensors(
-                weights.down.to(device=device, dtype=torch.float32),
-                weights.up.to(device=device, dtype=torch.float32),
-                alpha=weights.alpha,
-                use_rslora=weights.use_rslora,
-            )
-            factors.requires_grad_(False)
-            built.append((site_key, projection, factors))
+        built = self._build_factors(state)
         with self._changing():
             if name in self._adapters:
                 self._remove_factors(name)
-            self._install()
-            for site_key, projection, factors in built:
-                self._processors[site_key].branch(projection).add(name, factors, multiplier=0.0)
+            if self._installed is None:
+                self._installed = install_processors(self.components["unet"], self._sites)
+            for module_key, branch, _ in self._branches():
+                if module_key in built:
+                    branch.add(name, built[module_key], multiplier=0.0)
             self._adapters[name] = AdapterInfo(
                 name=name,
                 weight=weight,
                 enabled=True,
                 block_weights=block_weights or BlockWeights(),
-                modules=len(state.modules),
+                module_count=len(state.modules),
                 ranks=tuple(state.ranks()),
                 alphas=tuple(state.alphas()),
                 source=source,
@@ -294,7 +244,8 @@ class LoRARuntime:
         """Read an adapter file and add it; ``name`` defaults to the file's stem."""
         path = Path(path)
         state = read_adapter(path)
-        return self.add_adapter(name or adapter_name_from_path(path), state, weight, block_weights, source=str(path), strict=strict)
+        name = name or adapter_name_from_path(path)
+        return self.add_adapter(name, state, weight, block_weights, source=str(path), strict=strict)
 
     def create_adapter(
         self,
@@ -309,29 +260,25 @@ class LoRARuntime:
     ) -> AdapterInfo:
         """A new adapter on every attention projection of ``components``, trainable (fp32, ``requires_grad``).
 
-        ``init="zeros"`` starts training: ``down`` from :func:`~difflora.lora.initial_down`, ``up = 0`` (no change to
-        the model, LoRA's own choice). ``init="random"`` draws both factors as ``nn.Linear`` draws a weight (uniform in
-        ±1/sqrt(fan_in)), which tests and benchmarks use to get an adapter that changes the output.
+        ``init`` is ``"zeros"`` (training's start, ``ΔW = 0``) or ``"random"`` (an adapter that changes the output):
+        see :func:`~difflora.lora.initial_factors`.
         """
         if not isinstance(rank, int) or rank <= 0:
-            raise InvalidArgumentError(f"rank must be a positive integer, got {rank!r}")
+            raise InvalidArgumentError(f"rank must be a positive integer, got {rank!r}", "rank")
         unknown = [component for component in components if component not in self.components]
         if unknown:
-            raise InvalidArgumentError(f"components {unknown} are not in this pipeline ({list(self.components)})")
-        if init not in ("zeros", "random"):
-            raise InvalidArgumentError(f"init must be 'zeros' or 'random', got {init!r}")
+            raise InvalidArgumentError(
+                f"components {unknown} are not in this pipeline ({list(self.components)})", "components"
+            )
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         modules = {}
-        for site_key, (site, _) in self._sites.items():
-            if site.component not in components or not self._takes_lora(site_key):
+        for site_key, placed in self._sites.items():
+            if placed.site.component not in components or not self._takes_lora(site_key):
                 continue
-            projections = projections_of(site.component)
-            for projection, (in_features, out_features) in site.projection_shapes(projections).items():
-                if init == "zeros":
-                    down, up = initial_down(rank, in_features, generator), torch.zeros(out_features, rank)
-                else:  # both factors as nn.Linear initialises its weight: uniform in ±1/sqrt(fan_in)
-                    down = (torch.rand(rank, in_features, generator=generator) * 2 - 1) / in_features**0.5
-                    up = (torch.rand(out_features, rank, generator=generator) * 2 - 1) / rank**0.5
+            for projection, (in_features, out_features) in placed.site.projection_shapes(
+                projections_of(placed.site.component)
+            ).items():
+                down, up = initial_factors(rank, in_features, out_features, init, generator)
                 modules[f"{site_key}.{projection}"] = LoRAModuleWeights(down, up, float(alpha or rank), use_rslora)
         info = self.add_adapter(name, AdapterState(modules=modules))
         for parameter in self.parameters(name):
@@ -341,18 +288,16 @@ class LoRARuntime:
     # ----- changing the mix ---------------------------------------------------------------------------------------
     def set_weight(self, name: str, weight: float) -> None:
         """Set one adapter's weight: a float on each branch, no file is read."""
-        info = self._info(name)
-        weight = finite_number(weight, f"weight of {name!r}")
-        with self._changing():
-            self._adapters[name] = replace(info, weight=weight)
-            self._refresh_multipliers(name)
+        self.set_weights({name: weight})
 
     def set_weights(self, weights: dict[str, float]) -> None:
+        """Set several adapters' weights at once (one unfuse and fuse around them when fused)."""
         for name in weights:
             self._info(name)
+        checked = {name: finite_number(weight, f"weight of {name!r}") for name, weight in weights.items()}
         with self._changing():
-            for name, weight in weights.items():
-                self._adapters[name] = replace(self._adapters[name], weight=finite_number(weight, f"weight of {name!r}"))
+            for name, weight in checked.items():
+                self._adapters[name] = replace(self._adapters[name], weight=weight)
                 self._refresh_multipliers(name)
 
     def set_block_weights(self, name: str, block_weights: BlockWeights) -> None:
@@ -371,10 +316,14 @@ class LoRARuntime:
         self.enable(name, False)
 
     def _remove_factors(self, name: str) -> None:
-        for processor in self._processors.values():
-            for branch in processor.branches.values():
-                branch.remove(name)
+        for _, branch, _ in self._branches():
+            branch.remove(name)
         self._adapters.pop(name, None)
+
+    def _uninstall(self) -> None:
+        if self._installed is not None:
+            self._installed.restore()
+            self._installed = None
 
     def remove(self, name: str) -> None:
         """Remove one adapter; removing the last restores the model's original attention processors."""
@@ -397,19 +346,19 @@ class LoRARuntime:
             return
         done = []
         try:
-            for site_key, processor in self._processors.items():
-                processor.fuse(self._sites[site_key][1])
-                done.append(site_key)
+            for _, branch, layer in self._branches():
+                branch.fuse(layer)
+                done.append((branch, layer))
         except Exception:
-            for site_key in done:
-                self._processors[site_key].unfuse(self._sites[site_key][1])
+            for branch, layer in done:
+                branch.unfuse(layer)
             raise
         self._fused = True
 
     def unfuse(self) -> None:
         """Restore the weights :meth:`fuse` replaced, bit for bit."""
-        for site_key, processor in self._processors.items():
-            processor.unfuse(self._sites[site_key][1])
+        for _, branch, layer in self._branches():
+            branch.unfuse(layer)
         self._fused = False
 
     def bake(self) -> None:
@@ -419,11 +368,8 @@ class LoRARuntime:
         ready for ``save_pretrained``. Unlike :meth:`fuse`, this cannot be undone.
         """
         self.fuse()
-        for processor in self._processors.values():
-            for branch in processor.branches.values():
-                branch.fused = False
-                if "original_weight" in branch._buffers:
-                    del branch.original_weight
+        for _, branch, _ in self._branches():
+            branch.commit_fuse()
         self._fused = False
         for name in list(self._adapters):
             self._remove_factors(name)
@@ -433,29 +379,20 @@ class LoRARuntime:
     def parameters(self, name: str) -> list[nn.Parameter]:
         """The trainable tensors of adapter ``name`` (every ``down`` and ``up``), in a fixed order."""
         self._info(name)
-        found = []
-        for processor in self._processors.values():
-            for branch in processor.branches.values():
-                if name in branch.adapters:
-                    factors = branch.adapters[name]
-                    found += [factors.down, factors.up]
-        return found
+        return [parameter for _, factors in self._factors_of(name) for parameter in (factors.down, factors.up)]
 
     def adapter_state(self, name: str) -> AdapterState:
         """Adapter ``name`` as data (fp32 copies on the CPU), ready for :func:`~difflora.formats.write_adapter`."""
         info = self._info(name)
-        modules = {}
-        for site_key, processor in self._processors.items():
-            for projection in processor.projections:
-                branch = processor.branch(projection)
-                if name in branch.adapters:
-                    factors = branch.adapters[name]
-                    modules[f"{site_key}.{projection}"] = LoRAModuleWeights(
-                        down=factors.down.detach().float().cpu().clone(),
-                        up=factors.up.detach().float().cpu().clone(),
-                        alpha=factors.alpha,
-                        use_rslora=factors.use_rslora,
-                    )
+        modules = {
+            module_key: LoRAModuleWeights(
+                down=factors.down.detach().float().cpu().clone(),
+                up=factors.up.detach().float().cpu().clone(),
+                alpha=factors.alpha,
+                use_rslora=factors.use_rslora,
+            )
+            for module_key, factors in self._factors_of(name)
+        }
         return AdapterState(modules=modules, metadata=dict(info.metadata))
 
     def copy_into(self, name: str, state: AdapterState) -> None:
@@ -463,23 +400,19 @@ class LoRARuntime:
 
         In place, so optimizers holding these parameters keep working.
         """
-        current = self.adapter_state(name)
-        if set(current.modules) != set(state.modules):
-            missing = sorted(set(current.modules) ^ set(state.modules))[:1]
-            raise AdapterShapeError(f"adapter {name!r}: the saved factors cover other modules (e.g. {missing[0]!r})")
-        pairs = []
-        for site_key, processor in self._processors.items():
-            for projection in processor.projections:
-                branch = processor.branch(projection)
-                if name in branch.adapters:
-                    saved, factors = state.modules[f"{site_key}.{projection}"], branch.adapters[name]
-                    if saved.down.shape != factors.down.shape or saved.up.shape != factors.up.shape:
-                        raise AdapterShapeError(f"adapter {name!r}: saved {site_key}.{projection} has other shapes")
-                    pairs.append((saved, factors))
+        self._info(name)
+        current = dict(self._factors_of(name))
+        if set(current) != set(state.modules):
+            different = sorted(set(current) ^ set(state.modules))[0]
+            raise AdapterShapeError(f"adapter {name!r}: the saved factors cover other modules (e.g. {different!r})")
+        for module_key, factors in current.items():
+            saved = state.modules[module_key]
+            if saved.down.shape != factors.down.shape or saved.up.shape != factors.up.shape:
+                raise AdapterShapeError(f"adapter {name!r}: saved {module_key} has other shapes")
         with torch.no_grad():  # every shape checked first, so a bad file changes nothing
-            for saved, factors in pairs:
-                factors.down.copy_(saved.down)
-                factors.up.copy_(saved.up)
+            for module_key, factors in current.items():
+                factors.down.copy_(state.modules[module_key].down)
+                factors.up.copy_(state.modules[module_key].up)
 
     def save(self, name: str, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:
         """Write adapter ``name`` to a ``.safetensors`` file that difflora and plain diffusers load."""

@@ -116,7 +116,7 @@ def test_diffusers_peft_file_loads_into_difflora(tiny_model_dir, tmp_path, with_
 
     ours_pipe = load_pipeline(tiny_model_dir, quiet=True)
     info = LoRARuntime.attach(ours_pipe).load(tmp_path)  # the folder works as well as the file
-    assert info.modules == 64 and info.alphas == (float(alpha),)
+    assert info.module_count == 64 and info.alphas == (float(alpha),)
     ours = image(ours_pipe)
     assert abs(ours - theirs).max() <= ONE_LEVEL
     assert abs(ours - image(load_pipeline(tiny_model_dir, quiet=True))).max() > 10 * ONE_LEVEL
@@ -148,7 +148,9 @@ def test_legacy_layouts_read_as_the_same_adapter(pipe, tmp_path):
     assert from_legacy.source_format == "diffusers-attn-procs" and from_old.source_format == "diffusers-old"
     assert set(from_legacy.modules) == set(state.modules) == set(from_old.modules)
     for key, module in state.modules.items():
-        assert torch.equal(from_legacy.modules[key].up, module.up)
+        for read in (from_legacy, from_old):
+            assert torch.equal(read.modules[key].down, module.down) and torch.equal(read.modules[key].up, module.up)
+            assert not read.modules[key].use_rslora
         assert from_legacy.modules[key].alpha == module.rank  # no alpha in the legacy files: alpha = rank
         assert from_old.modules[key].alpha == module.alpha
 

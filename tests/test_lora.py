@@ -126,6 +126,18 @@ def test_fused_layer_equals_unfused_branch():
     torch.testing.assert_close(fused, unfused, rtol=0, atol=1e-5)
 
 
+def test_a_committed_fuse_keeps_the_fused_weight_and_forgets_the_original():
+    layer = nn.Linear(16, 8)
+    branch = MultiLoRA(16, 8)
+    branch.add("a", random_factors(16, 8, 4, 8, seed=9), multiplier=0.5)
+    branch.fuse(layer)
+    fused = layer.weight.detach().clone()
+    branch.commit_fuse()
+    assert not branch.fused and "original_weight" not in branch._buffers
+    branch.unfuse(layer)  # nothing left to restore
+    assert torch.equal(layer.weight, fused)
+
+
 def test_fuse_refuses_non_finite_result_and_changes_nothing():
     layer = nn.Linear(4, 4)
     original = layer.weight.detach().clone()

@@ -4,7 +4,7 @@ import pytest
 import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
 
-from difflora import BlockWeights, LoRARuntime
+from difflora import BlockWeights, LoRAFactors, LoRARuntime
 from difflora.errors import AdapterShapeError, InvalidArgumentError
 from difflora.adapter import AdapterState, LoRAModuleWeights
 from difflora.generate import GenerationSettings, generate
@@ -314,3 +314,34 @@ def test_blocks_with_other_processors_keep_them(pipe):
         runtime.add_adapter("there", there)
     runtime.remove_all()
     assert pipe.unet.attn_processors[name] is custom
+
+
+def test_installing_processors_returns_a_handle_that_restores_the_model(pipe):
+    from difflora.processors import CLIPLoRAAttnProcessor, attention_sites, install_processors
+
+    components = {"unet": pipe.unet, "text_encoder": pipe.text_encoder}
+    originals = dict(pipe.unet.attn_processors)
+    ids = torch.tensor([[1, 2, 3]])
+    text_before = pipe.text_encoder(ids)[0]
+    installed = install_processors(pipe.unet, attention_sites(components))
+    assert all(isinstance(p, LoRAAttnProcessor) for p in pipe.unet.attn_processors.values())
+    clip_hosts = [host for host in installed.hosts.values() if isinstance(host, CLIPLoRAAttnProcessor)]
+    assert len(clip_hosts) == pipe.text_encoder.config.num_hidden_layers
+    # One branch per projection, each adapting the layer it names.
+    keys = [module_key for module_key, _, _ in installed.branches()]
+    assert len(keys) == 4 * len(installed.hosts) and len(set(keys)) == len(keys)
+    for module_key, branch, layer in installed.branches():
+        component, _, path = module_key.partition(".")
+        model = components[component]
+        named = dict(model.named_modules())
+        assert layer is named.get(path, named.get(f"text_model.{path}"))
+        assert (branch.in_features, branch.out_features) == (layer.in_features, layer.out_features)
+    # A branch with an adapter acts through the CLIP hooks while installed ...
+    _, branch, layer = next(item for item in installed.branches() if item[0].startswith("text_encoder."))
+    branch.add("a", LoRAFactors.from_tensors(torch.ones(1, layer.in_features), torch.ones(layer.out_features, 1)))
+    assert not torch.equal(pipe.text_encoder(ids)[0], text_before)
+    # ... and restore() puts back the model's own processors and removes every hook.
+    installed.restore()
+    assert dict(pipe.unet.attn_processors) == originals
+    torch.testing.assert_close(pipe.text_encoder(ids)[0], text_before, rtol=0, atol=0)
+    assert not any("difflora" in name for name, _ in pipe.text_encoder.named_modules())
