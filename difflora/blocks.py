@@ -53,8 +53,9 @@ class BlockWeights:
         )
 
     @classmethod
-    def parse(cls, text: str, option: str = "--block-weights") -> BlockWeights:
-        """Parse ``down=0.5,mid=1,up=0,up.1=0.3,te=1``; raises :class:`InvalidArgumentError` naming the bad item."""
+    def parse(cls, text: str, option: str = "block weights") -> BlockWeights:
+        """Parse ``down=0.5,mid=1,up=0,up.1=0.3,te=1``; raises :class:`InvalidArgumentError` naming ``option`` (what the
+        caller calls the text: a flag, a form field) and the bad item."""
         parts: dict[str, float] = {}
         per_block: dict[str, float] = {}
         for item in filter(None, (piece.strip() for piece in text.split(","))):

@@ -50,7 +50,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from .blocks import BlockWeights
 
     specs = [parse_lora_spec(text) for text in args.lora]
-    block_weights = BlockWeights.parse(args.block_weights) if args.block_weights else None
+    block_weights = BlockWeights.parse(args.block_weights, "--block-weights") if args.block_weights else None
     settings = GenerationSettings(
         prompt=args.prompt,
         negative_prompt=args.negative_prompt,
@@ -157,7 +157,7 @@ def _cmd_scale(args: argparse.Namespace) -> int:
     from .blocks import BlockWeights
     from .formats import read_adapter, write_adapter
 
-    block_weights = BlockWeights.parse(args.block_weights) if args.block_weights else None
+    block_weights = BlockWeights.parse(args.block_weights, "--block-weights") if args.block_weights else None
     state = scale_adapter(read_adapter(args.input), args.weight, block_weights)
     write_adapter(state, args.out, layout=args.format)
     print(args.out)

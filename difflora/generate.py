@@ -33,14 +33,17 @@ class GenerationSettings:
     num_images: int = 1
 
     def validate(self) -> None:
-        for option, value in (("--steps", self.steps), ("--num-images", self.num_images)):
+        """Raise :class:`InvalidArgumentError` naming the field when a value cannot be used."""
+        for name in ("steps", "num_images"):
+            value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
-                raise InvalidArgumentError(f"{option} must be a positive integer, got {value!r}")
-        for option, value in (("--width", self.width), ("--height", self.height)):
+                raise InvalidArgumentError(f"{name} must be a positive integer, got {value!r}", name)
+        for name in ("width", "height"):
+            value = getattr(self, name)
             if not isinstance(value, int) or value <= 0 or value % 8:
-                raise InvalidArgumentError(f"{option} must be a positive multiple of 8, got {value!r}")
+                raise InvalidArgumentError(f"{name} must be a positive multiple of 8, got {value!r}", name)
         if not isinstance(self.seed, int) or self.seed < 0:
-            raise InvalidArgumentError(f"--seed must be a non-negative integer, got {self.seed!r}")
+            raise InvalidArgumentError(f"seed must be a non-negative integer, got {self.seed!r}", "seed")
 
 
 @dataclass
@@ -61,9 +64,10 @@ def generate(pipe, settings: GenerationSettings, *, output_type: str = "pil", ca
     """
     settings.validate()
     vae_scale = getattr(pipe, "vae_scale_factor", 8)
-    for option, value in (("--width", settings.width), ("--height", settings.height)):
+    for name in ("width", "height"):
+        value = getattr(settings, name)
         if value % vae_scale:
-            raise InvalidArgumentError(f"{option} must be a multiple of {vae_scale} for this model, got {value}")
+            raise InvalidArgumentError(f"{name} must be a multiple of {vae_scale} for this model, got {value}", name)
     generator = torch.Generator("cpu").manual_seed(settings.seed)
     step_callback = None
     if callback is not None:
