@@ -126,7 +126,8 @@ def main() -> None:
     with torch.no_grad():
         ours(4)()
         peft(4)()
-        difference = (ours_unet(latents, timestep, context).sample - peft_unet(latents, timestep, context).sample).abs().max()
+        ours, theirs = ours_unet(latents, timestep, context).sample, peft_unet(latents, timestep, context).sample
+        difference = (ours - theirs).abs().max()
     samples: dict[str, list[float]] = {name: [] for name in variants}
     order = list(variants)
     shuffler = random.Random(0)

@@ -1,5 +1,5 @@
 """What every command-line entry point shares: the parser whose usage errors are one line, the model options, quiet
-libraries, and the one-line error exit (``difflora: error: …``, exit code 2).
+libraries (from ``_libraries``), and the one-line error exit (``difflora: error: …``, exit code 2).
 
 ``difflora`` (cli.py), ``difflora train`` / ``python -m difflora.train`` and ``difflora webui`` each build their
 parser here and run through :func:`run_main`; none of them imports another's module for it.
@@ -8,10 +8,10 @@ parser here and run through :func:`run_main`; none of them imports another's mod
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from collections.abc import Callable, Collection
 
+from ._libraries import quiet_libraries
 from .errors import DiffloraError
 
 __all__ = ["OneLineErrorParser", "add_model_options", "error_line", "option_strings", "quiet_libraries", "run_main"]
@@ -39,18 +39,6 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps (default: auto)")
     parser.add_argument("--dtype", default="auto", help="auto (fp16 on CUDA, else fp32), fp32, fp16 or bf16")
-
-
-def quiet_libraries() -> None:
-    """Keep the terminal for what the user asked: no weight-loading bars or library chatter (errors still show)."""
-    import diffusers
-    import transformers
-
-    logging.getLogger("accelerate").setLevel(logging.WARNING)  # one INFO line per file of every checkpoint
-    diffusers.utils.logging.set_verbosity_error()
-    diffusers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
 
 
 def option_strings(parser: argparse.ArgumentParser) -> set[str]:

@@ -70,7 +70,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
     states = [(spec, read_adapter(spec.path)) for spec in specs]
     device = resolve_device(args.device)
-    pipe = load_pipeline(args.model, device=device, dtype=resolve_dtype(args.dtype, device), model_config=args.model_config)
+    pipe = load_pipeline(
+        args.model, device=device, dtype=resolve_dtype(args.dtype, device), model_config=args.model_config
+    )
     native_size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     settings.width, settings.height = args.width or native_size, args.height or native_size
     runtime = LoRARuntime.attach(pipe)
@@ -126,7 +128,8 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     else:
         write_adapter(state, args.out, layout=args.to)
     if state.skipped:
-        print(f"not carried over ({len(state.skipped)} keys difflora cannot apply): {', '.join(state.skipped[:10])}", file=sys.stderr)
+        listed = ", ".join(state.skipped[:10])
+        print(f"not carried over ({len(state.skipped)} keys difflora cannot apply): {listed}", file=sys.stderr)
     print(args.out)
     return 0
 
@@ -190,7 +193,9 @@ def _cmd_merge(args: argparse.Namespace) -> int:
         raise InvalidArgumentError("merge needs at least one --lora FILE[:WEIGHT]")
     states = [(spec, read_adapter(spec.path)) for spec in specs]
     device = resolve_device(args.device)
-    pipe = load_pipeline(args.model, device=device, dtype=resolve_dtype(args.dtype, device), model_config=args.model_config, quiet=True)
+    pipe = load_pipeline(
+        args.model, device=device, dtype=resolve_dtype(args.dtype, device), model_config=args.model_config, quiet=True
+    )
     runtime = LoRARuntime.attach(pipe)
     for index, (spec, state) in enumerate(states):
         runtime.add_adapter(f"lora{index}", state, spec.weight, source=str(spec.path))
@@ -210,7 +215,9 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    parser = OneLineErrorParser(prog="difflora", description="LoRA adapters for Stable Diffusion: generate, inspect, train, blend, export.")
+    parser = OneLineErrorParser(
+        prog="difflora", description="LoRA adapters for Stable Diffusion: generate, inspect, train, blend, export."
+    )
     parser.add_argument("--version", action="version", version=f"difflora {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=OneLineErrorParser)
 
@@ -221,8 +228,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = commands.add_parser("generate", help="generate images with any mix of adapters")
     add_model_options(gen)
-    gen.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]", help="adapter file and weight (repeatable; weight may be negative)")
-    gen.add_argument("--block-weights", default=None, metavar="down=…,mid=…,up=…", help="per-block weights for every --lora (e.g. down=0,mid=1,up=1,up.1=0.5,te=1)")
+    gen.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]",
+                     help="adapter file and weight (repeatable; weight may be negative)")
+    gen.add_argument("--block-weights", default=None, metavar="down=…,mid=…,up=…",
+                     help="per-block weights for every --lora (e.g. down=0,mid=1,up=1,up.1=0.5,te=1)")
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--negative-prompt", default="")
     gen.add_argument("--steps", type=int, default=20)
@@ -232,7 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--height", type=int, default=None, help="default: the model's native size")
     gen.add_argument("--num-images", type=int, default=1)
     gen.add_argument("--fuse", action="store_true", help="fuse the adapters into the weights before generating")
-    gen.add_argument("--strict", action="store_true", help="refuse adapters holding keys difflora cannot apply (else they are listed)")
+    gen.add_argument("--strict", action="store_true",
+                     help="refuse adapters holding keys difflora cannot apply (else they are listed)")
     gen.add_argument("--out", required=True, help="output PNG (several images get -0, -1, … suffixes)")
     gen.set_defaults(run=_cmd_generate, command_parser=gen)
 
@@ -250,9 +260,11 @@ def build_parser() -> argparse.ArgumentParser:
     convert.set_defaults(run=_cmd_convert, command_parser=convert)
 
     blend_parser = commands.add_parser("blend", help="blend adapters with weights into one")
-    blend_parser.add_argument("adapters", nargs="+", metavar="FILE[:WEIGHT]", help="adapters and weights (negative allowed)")
+    blend_parser.add_argument("adapters", nargs="+", metavar="FILE[:WEIGHT]",
+                              help="adapters and weights (negative allowed)")
     blend_parser.add_argument("--method", default="concat", choices=("concat", "svd", "ties", "dare"),
-                              help="concat: exact, rank = sum of ranks; svd: best rank-R approximation; ties/dare: PEFT's merges")
+                              help="concat: exact, rank = sum of ranks; svd: best rank-R approximation; "
+                              "ties/dare: PEFT's merges")
     blend_parser.add_argument("--rank", type=int, default=None, help="rank of the result (svd, ties, dare)")
     blend_parser.add_argument("--density", type=float, default=0.5, help="share of entries ties/dare keep")
     blend_parser.add_argument("--format", default="difflora", choices=("difflora", "diffusers", "kohya"))
@@ -271,15 +283,18 @@ def build_parser() -> argparse.ArgumentParser:
     resize.add_argument("input", metavar="IN")
     size = resize.add_mutually_exclusive_group(required=True)
     size.add_argument("--rank", type=int, help="new rank")
-    size.add_argument("--energy", type=float, help="keep the least rank holding this share of the squared singular values")
+    size.add_argument("--energy", type=float,
+                      help="keep the least rank holding this share of the squared singular values")
     resize.add_argument("--format", default="difflora", choices=("difflora", "diffusers", "kohya"))
     resize.add_argument("--out", required=True)
     resize.set_defaults(run=_cmd_resize, command_parser=resize)
 
     merge = commands.add_parser("merge", help="bake adapters into a model and write a full diffusers folder")
     add_model_options(merge)
-    merge.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]", help="adapter and weight (repeatable)")
-    merge.add_argument("--out", required=True, help="new folder for a diffusers model, or FILE.safetensors for one single-file checkpoint")
+    merge.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]",
+                       help="adapter and weight (repeatable)")
+    merge.add_argument("--out", required=True,
+                       help="new folder for a diffusers model, or FILE.safetensors for one single-file checkpoint")
     merge.set_defaults(run=_cmd_merge, command_parser=merge)
 
     # Listed for --help only: main() hands "difflora train/webui ..." over before parsing.

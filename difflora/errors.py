@@ -10,19 +10,20 @@ import math
 
 
 class DiffloraError(Exception):
-    """Base class of every error difflora raises for bad input; its message is one line."""
+    """Base class of every error difflora raises for bad input; its message is one line.
 
-
-class InvalidArgumentError(DiffloraError, ValueError):
-    """An option or argument has a value that cannot be used (a weight that is not a number, a rank <= 0, ...).
-
-    ``parameter`` names the Python parameter at fault (``rank``, ``energy``); the message says it in words a library
-    user reads. The command line turns it into its flag (``--rank``) and the web UI into its field.
+    ``parameter`` names the Python parameter at fault (``rank``, ``model``) when there is one, and the message then
+    starts with it in a library user's words (``rank must be a positive integer, got 0``). The command line turns it
+    into its flag (``--rank must be …``) and the web UI into its field.
     """
 
     def __init__(self, message: str, parameter: str | None = None) -> None:
         super().__init__(message)
         self.parameter = parameter
+
+
+class InvalidArgumentError(DiffloraError, ValueError):
+    """An option or argument has a value that cannot be used (a weight that is not a number, a rank <= 0, ...)."""
 
 
 class AdapterFileError(DiffloraError):
@@ -54,3 +55,11 @@ def finite_number(value, what: str, parameter: str | None = None) -> float:
     if not math.isfinite(number):
         raise InvalidArgumentError(f"{what} must be a finite number, got {value!r}", parameter)
     return number
+
+
+def first_line(error: BaseException, limit: int = 200) -> str:
+    """The first non-empty line of ``error``'s message (its type's name if it has none), cut to ``limit`` characters:
+    what a one-line error shows of a library's exception."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    reason = lines[0] if lines else type(error).__name__
+    return reason if len(reason) <= limit else reason[: limit - 3] + "..."

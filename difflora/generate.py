@@ -120,7 +120,12 @@ def save_png(
     info.add_text(
         "difflora",
         json.dumps(
-            {"settings": asdict(settings), "model": model, "scheduler": scheduler, "adapters": [asdict(a) for a in adapters]},
+            {
+                "settings": asdict(settings),
+                "model": model,
+                "scheduler": scheduler,
+                "adapters": [asdict(a) for a in adapters],
+            },
             sort_keys=True,
         ),
     )

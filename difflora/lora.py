@@ -83,7 +83,8 @@ def initial_factors(
 # twice the factored form's flops (64-wide layers of a tiny UNet at rank 8, SD 1.5's 320-wide ones at rank 64+) and
 # slower from about three times (1280-wide at rank 8). Inference: building W + ΔW is no cheaper than its flops, so
 # the forms are compared as counted (SD 1.5 at 32×32 latents, 4 rank-16 adapters: 320-wide layers 1.06× the plain
-# layer merged vs 1.26× factored; cross-attention keys 768→320 from 154 tokens at rank 64: 1.69× merged, 1.42× factored).
+# layer merged vs 1.26× factored; cross-attention keys 768→320 from 154 tokens at rank 64: 1.69× merged, 1.42×
+# factored).
 MERGED_FLOPS_ALLOWANCE = {"training": 2.0, "inference": 1.0}
 
 
@@ -104,7 +105,9 @@ def merged_form_is_cheaper(tokens: int, in_features: int, out_features: int, ran
     return merged <= MERGED_FLOPS_ALLOWANCE["training" if with_gradients else "inference"] * factored
 
 
-_GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks", "_global_backward_pre_hooks")
+_GLOBAL_HOOKS = (
+    "_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks", "_global_backward_pre_hooks"
+)
 
 
 def _runs_plain_forward(base: nn.Module, x: torch.Tensor) -> bool:
@@ -187,9 +190,11 @@ class LoRAFactors(nn.Module):
         """Factors holding copies of ``down`` (rank × in) and ``up`` (out × rank)."""
         if down.ndim != 2 or up.ndim != 2 or up.shape[1] != down.shape[0]:
             raise InvalidArgumentError(
-                f"LoRA factors must be down (rank × in) and up (out × rank), got {tuple(down.shape)} and {tuple(up.shape)}"
+                "LoRA factors must be down (rank × in) and up (out × rank), "
+                f"got {tuple(down.shape)} and {tuple(up.shape)}"
             )
-        factors = cls(down.shape[1], up.shape[0], down.shape[0], alpha, use_rslora, dtype=down.dtype, device=down.device)
+        rank, in_features, out_features = down.shape[0], down.shape[1], up.shape[0]
+        factors = cls(in_features, out_features, rank, alpha, use_rslora, dtype=down.dtype, device=down.device)
         with torch.no_grad():
             factors.down.copy_(down)
             factors.up.copy_(up.to(down.dtype))
@@ -356,7 +361,9 @@ class MultiLoRA(nn.Module):
         key = (
             dtype,
             device,
-            tuple((a.name, a.multiplier, a.factors.down._version, a.factors.up._version, a.factors.scale) for a in active),
+            tuple(
+                (a.name, a.multiplier, a.factors.down._version, a.factors.up._version, a.factors.scale) for a in active
+            ),
         )
         if key != self._stack_key:
             with torch.no_grad():

@@ -55,7 +55,8 @@ class AttentionSite:
 
     Attributes:
         component: pipeline component holding the block (``unet``, ``text_encoder``, ``text_encoder_2``).
-        path: the block's module path inside the component, e.g. ``down_blocks.0.attentions.0.transformer_blocks.0.attn1``
+        path: the block's module path inside the component, e.g.
+            ``down_blocks.0.attentions.0.transformer_blocks.0.attn1``
             or ``encoder.layers.3.self_attn`` (text-encoder paths never carry the ``text_model.`` prefix).
         block_kind: ``down``, ``mid`` or ``up`` for the UNet, ``text`` for text encoders.
         block_index: index in ``down_blocks``/``up_blocks``, ``None`` for the mid block and text encoders.

@@ -60,7 +60,10 @@ def describe_adapter(state: AdapterState) -> dict:
 
 
 def _base_model(metadata: dict[str, str]) -> str | None:
-    return metadata.get("difflora.base_model") or metadata.get("ss_sd_model_name") or metadata.get("modelspec.architecture")
+    for key in ("difflora.base_model", "ss_sd_model_name", "modelspec.architecture"):
+        if metadata.get(key):
+            return metadata[key]
+    return None
 
 
 def _training(metadata: dict[str, str]) -> str | None:
@@ -75,12 +78,13 @@ def _training(metadata: dict[str, str]) -> str | None:
 
 def summary_rows(summary: dict) -> list[tuple[str, str]]:
     """``describe_adapter``'s summary as (label, value) lines, the rows both ``inspect`` and the UI show."""
+    per_component = summary["modules_per_component"]
     rows = [
         ("format", summary["format"]),
         ("ranks", ", ".join(map(str, summary["ranks"]))),
         ("alphas", ", ".join(f"{alpha:g}" for alpha in summary["alphas"])),
         ("rsLoRA", "yes" if summary["use_rslora"] else "no"),
-        ("modules", ", ".join(f"{component}: {count}" for component, count in summary["modules_per_component"].items())),
+        ("modules", ", ".join(f"{component}: {count}" for component, count in per_component.items())),
         ("targets", ", ".join(f"{component}: {'/'.join(names)}" for component, names in summary["targets"].items())),
     ]
     metadata = summary["metadata"]

@@ -21,7 +21,8 @@ def adapter_file(tiny_model_dir, tmp_path_factory):
     pipe = load_pipeline(tiny_model_dir, quiet=True)
     runtime = LoRARuntime.attach(pipe)
     runtime.create_adapter("style", rank=4, alpha=2, components=("unet", "text_encoder"), init="random", seed=3)
-    return runtime.save("style", tmp_path_factory.mktemp("adapters") / "style.safetensors", {"difflora.base_model": "embedded"})
+    path = tmp_path_factory.mktemp("adapters") / "style.safetensors"
+    return runtime.save("style", path, {"difflora.base_model": "embedded"})
 
 
 def run_cli(*args):
@@ -127,7 +128,8 @@ def test_every_bad_input_is_one_line_and_exit_2(tiny_model_dir, adapter_file, tm
 def test_bad_input_from_the_real_command(tmp_path):
     result = run_cli("generate", "--prompt", "p", "--lora", "x.safetensors:abc", "--out", str(tmp_path / "o.png"))
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == ["difflora: error: --lora x.safetensors:abc: weight must be a number, got 'abc'"]
+    expected = "difflora: error: --lora x.safetensors:abc: weight must be a number, got 'abc'"
+    assert result.stderr.strip().splitlines() == [expected]
     usage = run_cli("generate", "--steps", "many")
     assert usage.returncode == 2 and len(usage.stderr.strip().splitlines()) == 1
 
@@ -155,7 +157,8 @@ def test_convert_to_kohya_and_back(adapter_file, tmp_path, capsys):
     from difflora.formats import read_adapter
 
     original, returned = read_adapter(adapter_file), read_adapter(back)
-    assert all(torch.equal(returned.modules[k].up, m.up) and returned.modules[k].alpha == m.alpha for k, m in original.modules.items())
+    for key, module in original.modules.items():
+        assert torch.equal(returned.modules[key].up, module.up) and returned.modules[key].alpha == module.alpha
 
 
 def test_convert_strict_refuses_what_it_cannot_carry(adapter_file, tmp_path, capsys):
@@ -165,7 +168,8 @@ def test_convert_strict_refuses_what_it_cannot_carry(adapter_file, tmp_path, cap
     tensors["lora_unet_mid_block_resnets_0_conv1.lora_down.weight"] = torch.ones(4, 64, 3, 3)
     save_file(tensors, str(tmp_path / "with-conv.safetensors"))
     out = tmp_path / "out.safetensors"
-    assert main(["convert", str(tmp_path / "with-conv.safetensors"), "--to", "difflora", "--out", str(out), "--strict"]) == 2
+    with_conv = str(tmp_path / "with-conv.safetensors")
+    assert main(["convert", with_conv, "--to", "difflora", "--out", str(out), "--strict"]) == 2
     assert "--strict" in capsys.readouterr().err and not out.exists()
     assert main(["convert", str(tmp_path / "with-conv.safetensors"), "--to", "difflora", "--out", str(out)]) == 0
     assert "not carried over (1 keys" in capsys.readouterr().err and out.exists()
@@ -175,7 +179,8 @@ def test_blend_scale_resize_commands(adapter_file, tmp_path, capsys):
     from difflora.formats import read_adapter
 
     blended = tmp_path / "blend.safetensors"
-    assert main(["blend", f"{adapter_file}:0.7", f"{adapter_file}:-0.3", "--method", "svd", "--rank", "2", "--out", str(blended)]) == 0
+    svd = ["--method", "svd", "--rank", "2"]
+    assert main(["blend", f"{adapter_file}:0.7", f"{adapter_file}:-0.3", *svd, "--out", str(blended)]) == 0
     err = capsys.readouterr().err
     assert "relative error per module" in err
     assert read_adapter(blended).ranks() == [2]
@@ -187,11 +192,12 @@ def test_blend_scale_resize_commands(adapter_file, tmp_path, capsys):
         expected = 0.0 if key.startswith("unet.up_blocks.") else 0.5  # --weight 0.5, and up=0 in the up blocks
         delta = written.modules[key].scale * written.modules[key].up @ written.modules[key].down
         torch.testing.assert_close(delta, expected * module.scale * module.up @ module.down, rtol=1e-5, atol=1e-7)
-    assert main(["resize", str(adapter_file), "--energy", "0.9", "--format", "kohya", "--out", str(tmp_path / "r.safetensors")]) == 0
+    resized = str(tmp_path / "r.safetensors")
+    assert main(["resize", str(adapter_file), "--energy", "0.9", "--format", "kohya", "--out", resized]) == 0
     assert read_adapter(tmp_path / "r.safetensors").source_format == "kohya"
     assert main(["blend", f"{adapter_file}:x", "--out", str(tmp_path / "bad.safetensors")]) == 2
     assert main(["blend", str(adapter_file), "--method", "svd", "--out", str(tmp_path / "bad.safetensors")]) == 2
-    assert "needs --rank" in capsys.readouterr().err and not (tmp_path / "bad.safetensors").exists()
+    assert "--rank is required by method 'svd'" in capsys.readouterr().err and not (tmp_path / "bad.safetensors").exists()
 
 
 def test_merge_writes_a_diffusers_folder_with_the_adapters_baked_in(tiny_model_dir, adapter_file, tmp_path):
@@ -200,21 +206,24 @@ def test_merge_writes_a_diffusers_folder_with_the_adapters_baked_in(tiny_model_d
     from difflora.generate import GenerationSettings, generate
 
     out = tmp_path / "merged"
-    assert main(["merge", "--model", str(tiny_model_dir), "--lora", f"{adapter_file}:0.7", "--lora", f"{adapter_file}:-0.2", "--out", str(out)]) == 0
+    two_adapters = ["--lora", f"{adapter_file}:0.7", "--lora", f"{adapter_file}:-0.2"]
+    assert main(["merge", "--model", str(tiny_model_dir), *two_adapters, "--out", str(out)]) == 0
     merged = StableDiffusionPipeline.from_pretrained(out)
     merged.set_progress_bar_config(disable=True)
     assert not any("difflora" in key or "lora" in key for key in merged.unet.state_dict())
     settings = GenerationSettings("a castle", steps=3, seed=4, width=64, height=64)
     pipe = load_pipeline(tiny_model_dir, quiet=True)
     LoRARuntime.attach(pipe).load(adapter_file, weight=0.5)  # 0.7 − 0.2 of the same adapter
-    assert abs(generate(merged, settings, output_type="np")[0] - generate(pipe, settings, output_type="np")[0]).max() < 1e-5
-    assert main(["merge", "--model", str(tiny_model_dir), "--lora", str(adapter_file), "--out", str(out)]) == 2  # not over a model
+    expected = generate(pipe, settings, output_type="np")[0]
+    assert abs(generate(merged, settings, output_type="np")[0] - expected).max() < 1e-5
+    # not over a model
+    assert main(["merge", "--model", str(tiny_model_dir), "--lora", str(adapter_file), "--out", str(out)]) == 2
 
     # The same merge as one single-file checkpoint, loaded back through diffusers' single-file loader.
     single = tmp_path / "merged.safetensors"
     assert main(["merge", "--model", str(tiny_model_dir), "--lora", f"{adapter_file}:0.5", "--out", str(single)]) == 0
     from_file = load_pipeline(single, model_config=tiny_model_dir, quiet=True)
-    assert abs(generate(from_file, settings, output_type="np")[0] - generate(pipe, settings, output_type="np")[0]).max() < 1e-5
+    assert abs(generate(from_file, settings, output_type="np")[0] - expected).max() < 1e-5
 
 
 def test_generate_lists_or_refuses_keys_it_cannot_apply(tiny_model_dir, adapter_file, tmp_path, capsys, caplog):
@@ -226,7 +235,8 @@ def test_generate_lists_or_refuses_keys_it_cannot_apply(tiny_model_dir, adapter_
     save_file(tensors, str(conv))
     common = ["generate", "--model", str(tiny_model_dir), "--lora", str(conv), "--prompt", "p", "--steps", "1"]
     assert main([*common, "--strict", "--out", str(tmp_path / "strict.png")]) == 2
-    assert "1 keys difflora cannot apply (strict): lora_unet_mid_block_resnets_0_conv1.lora_down.weight" in capsys.readouterr().err
+    expected = "1 keys difflora cannot apply (strict): lora_unet_mid_block_resnets_0_conv1.lora_down.weight"
+    assert expected in capsys.readouterr().err
     assert not (tmp_path / "strict.png").exists()
     assert main([*common, "--out", str(tmp_path / "ok.png")]) == 0
     assert "1 keys difflora cannot apply were not loaded" in caplog.text  # a warning on stderr outside pytest
