@@ -49,7 +49,8 @@ def main() -> None:
         port = probe.getsockname()[1]
     app = build_app(session)
     app.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, ssr_mode=False, quiet=True)
-    client = Client(f"http://127.0.0.1:{port}/", verbose=False, analytics_enabled=False, download_files=str(lora_dir / "downloads"))
+    client = Client(f"http://127.0.0.1:{port}/", verbose=False, analytics_enabled=False,
+                    download_files=str(lora_dir / "downloads"))
 
     direct = load_pipeline(None, quiet=True)
     runtime = LoRARuntime.attach(direct)

@@ -8,6 +8,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is i
 import json
 from pathlib import Path
 
+import diffusers
 import numpy as np
 import pytest
 import torch
@@ -18,6 +19,8 @@ from gradio_client import Client, handle_file  # noqa: E402
 from gradio_client.exceptions import AppError  # noqa: E402
 
 from difflora import LoRARuntime, webui  # noqa: E402
+from difflora.adapter import AdapterState  # noqa: E402
+from difflora.blend import blend  # noqa: E402
 from difflora.errors import AdapterFileError, InvalidArgumentError  # noqa: E402
 from difflora.formats import read_adapter  # noqa: E402
 from difflora.generate import GenerationSettings, generate  # noqa: E402
@@ -59,7 +62,8 @@ def session(lora_dir, tiny_model_dir):
 def client(session, tmp_path_factory):
     """The page served in this process on a free port of 127.0.0.1, and a gradio_client connected to it."""
     with served_app(session) as url:
-        yield Client(url, verbose=False, analytics_enabled=False, download_files=str(tmp_path_factory.mktemp("downloads")))
+        downloads = str(tmp_path_factory.mktemp("downloads"))
+        yield Client(url, verbose=False, analytics_enabled=False, download_files=downloads)
 
 
 def generate_form(prompt=PROMPT, slots=(), steps=3, seed=7, fuse=False, scheduler=webui.MODEL_SCHEDULER):
@@ -82,11 +86,18 @@ def gallery_files(gallery) -> list[str]:
     return [item["image"] if isinstance(item, dict) else item[0] for item in gallery]
 
 
-def library_image(tiny_model_dir, lora_dir, weights: dict[str, float], seed=7) -> np.ndarray:
+def library_image(tiny_model_dir, lora_dir, weights: dict[str, float], seed=7, scheduler: str | None = None,
+                  blended: AdapterState | None = None) -> np.ndarray:
+    """The image the library gives without the UI: ``weights`` of files of ``lora_dir``, optionally a ``blended``
+    adapter at weight 1, and the diffusers ``scheduler`` class built from the model's own scheduler config."""
     pipe = load_pipeline(tiny_model_dir, quiet=True)
     runtime = LoRARuntime.attach(pipe)
     for name, weight in weights.items():
         runtime.load(lora_dir / f"{name}.safetensors", weight=weight)
+    if blended is not None:
+        runtime.add_adapter("blended", blended, 1.0)
+    if scheduler is not None:
+        pipe.scheduler = getattr(diffusers, scheduler).from_config(pipe.scheduler.config)
     settings = GenerationSettings(PROMPT, steps=3, guidance=5.0, seed=seed, width=64, height=64)
     return generate(pipe, settings, output_type="np")[0]
 
@@ -109,11 +120,11 @@ def test_page_generates_the_library_image_and_saves_it_with_its_parameters(clien
     assert "<lora:alpha:0.7>" in Image.open(saved).text["parameters"]
 
 
-def test_moving_a_slider_reads_no_file_and_changes_the_image(client, session, monkeypatch):
+def test_moving_a_slider_reads_no_file_and_changes_the_image(client, session, lora_dir, monkeypatch):
     slots = [("alpha.safetensors", 0.7, True, ""), ("beta.safetensors", -0.4, True, "")]
     first, _, _ = client.predict(*generate_form(slots=slots), api_name="/generate")
     reads = []
-    monkeypatch.setattr(webui, "read_adapter", lambda path: reads.append(path) or read_adapter(path))
+    monkeypatch.setattr(webui.session, "read_adapter", lambda path: reads.append(path) or read_adapter(path))
     moved = [("alpha.safetensors", 1.5, True, "down=0,mid=1,up=1"), ("beta.safetensors", -0.4, False, "")]
     second, _, status = client.predict(*generate_form(slots=moved, fuse=True), api_name="/generate")
     third, _, _ = client.predict(*generate_form(slots=moved, fuse=False), api_name="/generate")
@@ -124,15 +135,29 @@ def test_moving_a_slider_reads_no_file_and_changes_the_image(client, session, mo
     first_image, second_image = pixels(gallery_files(first)[0]), pixels(gallery_files(second)[0])
     assert np.abs(first_image - second_image).max() > 4 / 255
     assert np.abs(second_image - pixels(gallery_files(third)[0])).max() <= 1 / 255  # fused == unfused
+    # The count above can fail: a file that changed on disk (new mtime) is read again, once.
+    alpha = lora_dir / "alpha.safetensors"
+    os.utime(alpha, ns=(alpha.stat().st_atime_ns, alpha.stat().st_mtime_ns + 1_000_000))
+    client.predict(*generate_form(slots=moved), api_name="/generate")
+    client.predict(*generate_form(slots=moved), api_name="/generate")
+    assert reads == [alpha.resolve()]
 
 
-def test_other_schedulers_run(client):
-    gallery, _, status = client.predict(*generate_form(scheduler="DPM++ 2M"), api_name="/generate")
-    assert len(gallery_files(gallery)) == 1 and "DPMSolverMultistepScheduler" in status
-    client.predict(*generate_form(scheduler="Euler a"), api_name="/generate")
+@pytest.mark.parametrize("label, scheduler_class", [("DPM++ 2M", "DPMSolverMultistepScheduler"),
+                                                    ("Euler a", "EulerAncestralDiscreteScheduler")])
+def test_other_schedulers_run(client, tiny_model_dir, lora_dir, label, scheduler_class):
+    """The page's image is the library's image with that scheduler, not with the model's default one."""
+    gallery, _, status = client.predict(*generate_form(scheduler=label), api_name="/generate")
+    (page_file,) = gallery_files(gallery)
+    assert scheduler_class in status
+    assert json.loads(Image.open(page_file).text["difflora"])["scheduler"] == scheduler_class
+    expected = library_image(tiny_model_dir, lora_dir, {}, scheduler=scheduler_class)
+    assert np.abs(pixels(page_file) - expected).max() <= 1 / 255 + 1e-6
+    model_default = library_image(tiny_model_dir, lora_dir, {})
+    assert np.abs(pixels(page_file) - model_default).max() > 4 / 255
 
 
-def test_blend_save_writes_a_file_and_preview_leaves_no_adapter(client, session, lora_dir):
+def test_blend_save_writes_a_file_and_preview_leaves_no_adapter(client, session, lora_dir, tiny_model_dir):
     pairs = [("alpha.safetensors", 0.6), ("beta.safetensors", 0.5)]
     saved, report, *_ = client.predict(*blend_form(pairs, method="svd", rank=2), "mix", "kohya", api_name="/blend_save")
     written = read_adapter(lora_dir / "mix.safetensors")
@@ -142,9 +167,31 @@ def test_blend_save_writes_a_file_and_preview_leaves_no_adapter(client, session,
     with pytest.raises(AppError, match="already exists"):
         client.predict(*blend_form(pairs), "mix", "difflora", api_name="/blend_save")
 
-    image, note = client.predict(*blend_form(pairs), *generate_form(), api_name="/blend_preview")
-    assert Path(image).is_file() and "seed 7" in note
+    # The preview is the blend alone: the library's image for the blended adapter, with the slots' adapters off.
+    slots = [("alpha.safetensors", 0.7, True, "")]
+    image, note = client.predict(*blend_form(pairs), *generate_form(slots=slots), api_name="/blend_preview")
+    assert "seed 7" in note
+    states = [(read_adapter(lora_dir / file), weight) for file, weight in pairs]
+    expected = library_image(tiny_model_dir, lora_dir, {}, blended=blend(states).state)
+    assert np.abs(pixels(image) - expected).max() <= 1 / 255 + 1e-6
+    base = library_image(tiny_model_dir, lora_dir, {})
+    assert np.abs(pixels(image) - base).max() > 4 / 255
     assert webui.BLEND_PREVIEW_ADAPTER not in session.runtime.adapters
+
+
+def test_errors_in_the_page_name_the_field_not_a_flag(client, lora_dir):
+    """A library error naming its parameter is shown by the label of the page's field for it, never as a flag.
+    (Out-of-range numbers and unknown choices are refused by Gradio before the callback, so these are the library's
+    own checks: blend's rank, the training config's learning rate.)"""
+    pairs = [("alpha.safetensors", 0.6), ("beta.safetensors", 0.5)]
+    with pytest.raises(AppError) as caught:
+        client.predict(*blend_form(pairs, method="svd", rank=0), "rankless", "difflora", api_name="/blend_save")
+    assert str(caught.value).startswith("Rank (svd, ties, dare): ") and "--" not in str(caught.value)
+    assert not (lora_dir / "rankless.safetensors").exists()
+    with pytest.raises(AppError) as caught:
+        client.predict("named", str(SAMPLES / "pixel-sunsets"), 2, 2, 0, -1.0, 1, 64, "", "", 0,
+                       api_name="/train_start")
+    assert str(caught.value).startswith("Learning rate: ") and "--" not in str(caught.value)
 
 
 def test_inspect_shows_format_ranks_and_trigger_words(client):
@@ -199,7 +246,8 @@ def test_invalid_uploads_are_refused_and_valid_ones_added(client, session, lora_
     text, summary = client.predict(handle_file(str(good)), api_name="/inspect_upload")
     assert summary["ranks"] == [2] and "upload" in text
     message, *lists = client.predict(handle_file(str(good)), api_name="/add_upload")
-    assert "gamma.safetensors" in message and (lora_dir / "gamma.safetensors").is_file() and "gamma.safetensors" in lists[-1]
+    assert "gamma.safetensors" in message and (lora_dir / "gamma.safetensors").is_file()
+    assert "gamma.safetensors" in lists[-1]
 
 
 def test_prompt_tags_are_parsed_and_generate_like_slots(session):
@@ -266,5 +314,6 @@ def test_concurrent_users_get_their_own_mix(session, lora_dir, tiny_model_dir):
     for name, (file, weight) in {"first": ("alpha", 0.9), "second": ("beta", -0.5)}.items():
         pipe = load_pipeline(tiny_model_dir, quiet=True)
         LoRARuntime.attach(pipe).load(lora_dir / f"{file}.safetensors", weight=weight)
-        expected = generate(pipe, GenerationSettings(PROMPT, steps=3, guidance=5.0, seed=3, width=64, height=64), output_type="np")[0]
+        settings = GenerationSettings(PROMPT, steps=3, guidance=5.0, seed=3, width=64, height=64)
+        expected = generate(pipe, settings, output_type="np")[0]
         assert abs(pixels(results[name].files[0]) - expected).max() <= 1 / 255, name

@@ -25,7 +25,8 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright's Python package is not installed")
 if CHROMIUM is None:
-    pytest.skip("no Chromium on this machine (apt-get install chromium; scripts/setup.sh does it as root)", allow_module_level=True)
+    pytest.skip("no Chromium on this machine (apt-get install chromium; scripts/setup.sh does it as root)",
+                allow_module_level=True)
 
 
 @pytest.fixture(scope="module")

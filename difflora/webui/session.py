@@ -1,0 +1,342 @@
+"""The web UI's one pipeline, its LoRA runtime and its lock: every action of the page is one method here.
+
+:class:`WebUISession` calls the same library functions the CLI calls (``generate``, ``blend``, ``read_adapter``,
+``write_adapter``, ``describe_adapter``). One lock guards the pipeline: each request sets the whole adapter mix it
+needs under the lock, then generates, so concurrent users queue and never see each other's weights. Adapter files
+stay loaded in the runtime (disabled when not asked for), so moving a weight slider sets a number and reads no file.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import os
+import random
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .._files import atomic_path
+from ..adapter import AdapterState
+from ..blend import BlendResult, blend
+from ..blocks import BlockWeights
+from ..errors import AdapterFileError, InvalidArgumentError, finite_number
+from ..formats import WRITE_LAYOUTS, read_adapter, write_adapter
+from ..generate import AdapterUse, GenerationSettings, generate, save_png
+from ..keys import ADAPTER_SUFFIX, adapter_name_from_path
+from ..reports import describe_adapter, error_summary, worst_modules
+from ..runtime import LoRARuntime
+from .library import OUTPUTS_FOLDER, AdapterLibrary, FileKey, adapter_file_name, resolve_inside
+from .requests import MODEL_SCHEDULER, SCHEDULERS, AdapterSlot, BlendRequest, GenerateRequest, parse_prompt_loras
+from .training_job import TrainingJob
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+__all__ = ["BLEND_PREVIEW_ADAPTER", "GenerateResult", "SavedBlend", "WebUISession", "error_report"]
+
+BLEND_PREVIEW_ADAPTER = "__blend_preview__"  # the runtime name of a blend while it is previewed
+MAX_CACHED_ADAPTERS = 8  # loaded files kept in the runtime (disabled) after they leave the mix
+
+
+@dataclass
+class GenerateResult:
+    files: list[Path]
+    seed: int
+    prompt: str  # as the model saw it, <lora:…> tags removed
+    scheduler: str
+    adapters: list[AdapterUse]
+
+
+@dataclass
+class SavedBlend:
+    path: Path
+    report: str  # Markdown: where it went and the per-module error summary
+
+
+def error_report(result: BlendResult, method: str) -> str:
+    """Markdown summary of a blend's per-module relative errors ‖ΔW_exact − ΔW_result‖ / ‖ΔW_exact‖."""
+    lines = [error_summary(result.relative_errors)]
+    if method == "concat":
+        lines.append("(concat is exact: the blend equals the weighted sum of the adapters)")
+    elif result.relative_errors:
+        lines += ["", "| module | relative error |", "| --- | --- |"]
+        lines += [f"| `{module}` | {error:.3e} |" for module, error in worst_modules(result.relative_errors)]
+    return "\n".join(lines)
+
+
+@dataclass
+class _LoadedFile:
+    adapter: str  # its name in the runtime
+    key: FileKey
+
+
+class WebUISession:
+    """The pipeline, its LoRA runtime, the adapter folder and the training job behind one web UI.
+
+    Every method that touches the pipeline takes :attr:`lock`, sets the full adapter mix it needs and only then
+    generates, so requests from several browser tabs cannot mix their adapters.
+    """
+
+    def __init__(self, pipe, lora_dir: str | os.PathLike, model_label: str = "embedded",
+                 model_config: str | None = None) -> None:
+        self.pipe = pipe
+        self.runtime = LoRARuntime.attach(pipe)
+        self.library = AdapterLibrary(lora_dir)
+        self.model_label = model_label
+        self.lock = threading.Lock()
+        self.native_size = int(pipe.unet.config.sample_size * getattr(pipe, "vae_scale_factor", 8))
+        self._model_scheduler = pipe.scheduler
+        self._schedulers: dict[str, Any] = {MODEL_SCHEDULER: pipe.scheduler}
+        # file name → runtime adapter, most recently used last; reloaded only when the file's FileKey changes
+        self._loaded: collections.OrderedDict[str, _LoadedFile] = collections.OrderedDict()
+        self.training = TrainingJob(self.library, model_label, model_config, native_size=self.native_size)
+
+    @classmethod
+    def open(cls, model: str, lora_dir: str | os.PathLike, *, device: str = "auto", dtype: str = "auto",
+             model_config: str | None = None) -> WebUISession:
+        """Load ``model`` (as ``--model`` names it) and start a session on ``lora_dir``."""
+        from ..models import load_pipeline, resolve_device, resolve_dtype
+
+        AdapterLibrary(lora_dir)  # a missing folder fails before the (slow) model load
+        resolved_device = resolve_device(device)
+        pipe = load_pipeline(model, device=resolved_device, dtype=resolve_dtype(dtype, resolved_device),
+                             model_config=model_config, quiet=True)
+        return cls(pipe, lora_dir, model_label=str(model), model_config=model_config)
+
+    @property
+    def root(self) -> Path:
+        return self.library.root
+
+    @property
+    def outputs_dir(self) -> Path:
+        return self.root / OUTPUTS_FOLDER
+
+    # ----- the adapter mix (every method here is called with the lock held) -------------------------------------
+    def _adapter_name_for(self, file: str) -> str:
+        """A runtime name for a file: the name ``keys.adapter_name_from_path`` gives it, made unique."""
+        base = adapter_name_from_path(self.root / file)
+        taken = {loaded.adapter for name, loaded in self._loaded.items() if name != file} | {BLEND_PREVIEW_ADAPTER}
+        name, number = base, 2
+        while name in taken:
+            name, number = f"{base}_{number}", number + 1
+        return name
+
+    def _ensure_loaded(self, file: str) -> str:
+        """The runtime name of ``file``, reading it only if it is new or changed since it was loaded."""
+        path = self.library.path_of(file)
+        key = FileKey.of(path)
+        loaded = self._loaded.get(file)
+        if loaded is not None and loaded.key == key and loaded.adapter in self.runtime.adapters:
+            self._loaded.move_to_end(file)
+            return loaded.adapter
+        name = loaded.adapter if loaded is not None else self._adapter_name_for(file)
+        state = read_adapter(path)
+        self.runtime.add_adapter(name, state, weight=0.0, source=str(path), replace_existing=True)
+        self._loaded[file] = _LoadedFile(name, key)
+        self._loaded.move_to_end(file)
+        return name
+
+    def _checked_slots(self, slots: list[AdapterSlot]) -> list[tuple[AdapterSlot, BlockWeights]]:
+        """Each slot with its parsed block weights, refusing repeated files, bad names and bad numbers before
+        anything changes."""
+        files = [slot.file for slot in slots]
+        repeated = sorted({file for file in files if files.count(file) > 1})
+        if repeated:
+            raise InvalidArgumentError(f"adapter {repeated[0]} is selected twice (slots or <lora:…> tags); use it once")
+        checked = []
+        for slot in slots:
+            has_blocks = bool(slot.block_weights and slot.block_weights.strip())
+            block_weights = (BlockWeights.parse(slot.block_weights, f"block weights of {slot.file}") if has_blocks
+                             else BlockWeights())
+            checked.append((slot, block_weights))
+        for slot, _ in checked:
+            self.library.path_of(slot.file)
+            finite_number(slot.weight, f"weight of {slot.file}")
+        return checked
+
+    def _apply_mix(self, slots: list[AdapterSlot], fuse: bool) -> list[AdapterUse]:
+        """Make the runtime hold exactly ``slots``: load new files, set numbers on loaded ones, disable the rest.
+
+        Only what differs is changed (a changed number costs a float per branch, no file is read), so an unchanged
+        mix stays fused between requests.
+        """
+        checked = self._checked_slots(slots)
+        if BLEND_PREVIEW_ADAPTER in self.runtime.adapters:
+            self.runtime.remove(BLEND_PREVIEW_ADAPTER)
+        wanted: dict[str, tuple[float, BlockWeights]] = {}
+        uses = []
+        for slot, block_weights in checked:
+            if not slot.enabled:
+                continue  # off: it stays disabled (or unloaded) like every adapter not asked for
+            name = self._ensure_loaded(slot.file)
+            wanted[name] = (float(slot.weight), block_weights)
+            shown_blocks = None if block_weights.is_identity else str(block_weights)
+            uses.append(AdapterUse(name, float(slot.weight), slot.file, shown_blocks))
+        self._set_runtime_mix(wanted)
+        self._forget_old_files(keep=set(wanted))
+        if fuse and wanted and not self.runtime.fused:
+            self.runtime.fuse()
+        elif not fuse and self.runtime.fused:
+            self.runtime.unfuse()
+        return uses
+
+    def _set_runtime_mix(self, wanted: dict[str, tuple[float, BlockWeights]]) -> None:
+        """Enable ``wanted`` (runtime name → weight, block weights) at its numbers and disable every other adapter."""
+        changes = []
+        for name, info in self.runtime.adapters.items():
+            if name not in wanted:
+                if info.enabled:
+                    changes.append(functools.partial(self.runtime.disable, name))
+                continue
+            weight, block_weights = wanted[name]
+            if info.weight != weight:
+                changes.append(functools.partial(self.runtime.set_weight, name, weight))
+            if info.block_weights != block_weights:
+                changes.append(functools.partial(self.runtime.set_block_weights, name, block_weights))
+            if not info.enabled:
+                changes.append(functools.partial(self.runtime.enable, name))
+        if changes and self.runtime.fused:
+            self.runtime.unfuse()  # once, rather than an unfuse and fuse around every single change
+        for change in changes:
+            change()
+
+    def _forget_old_files(self, keep: set[str]) -> None:
+        """Remove the least recently used files from the runtime beyond ``MAX_CACHED_ADAPTERS``, and vanished ones."""
+        for file, loaded in list(self._loaded.items()):
+            gone = not (self.root / file).is_file()
+            over = len(self._loaded) > MAX_CACHED_ADAPTERS
+            if loaded.adapter not in keep and (gone or over):
+                if loaded.adapter in self.runtime.adapters:
+                    self.runtime.remove(loaded.adapter)
+                del self._loaded[file]
+
+    def _use_scheduler(self, label: str) -> str:
+        """Put the scheduler named ``label`` on the pipeline (built once from the model's own config)."""
+        if label not in SCHEDULERS:
+            raise InvalidArgumentError(f"scheduler {label!r} is not one of {', '.join(SCHEDULERS)}", "scheduler")
+        if label not in self._schedulers:
+            import diffusers
+
+            scheduler_class = getattr(diffusers, SCHEDULERS[label])
+            self._schedulers[label] = scheduler_class.from_config(self._model_scheduler.config)
+        self.pipe.scheduler = self._schedulers[label]
+        return type(self.pipe.scheduler).__name__
+
+    def _settings(self, request: GenerateRequest, prompt: str) -> GenerationSettings:
+        seed = random.SystemRandom().randrange(2**31) if request.random_seed else request.seed
+        settings = GenerationSettings(
+            prompt=prompt,
+            negative_prompt=request.negative_prompt,
+            steps=request.steps,
+            guidance=request.guidance,
+            seed=seed,
+            width=request.width or self.native_size,
+            height=request.height or self.native_size,
+            num_images=request.num_images,
+        )
+        settings.validate()
+        return settings
+
+    # ----- actions -----------------------------------------------------------------------------------------------
+    def generate(self, request: GenerateRequest, progress: Callable[[int, int], None] | None = None) -> GenerateResult:
+        """Generate with the request's adapters (slots and ``<lora:…>`` prompt tags); save each image as a PNG in
+        ``<lora-dir>/outputs/`` carrying the settings and the adapter mix."""
+        prompt, tagged = parse_prompt_loras(request.prompt)
+        settings = self._settings(request, prompt)
+        with self.lock:
+            uses = self._apply_mix(request.adapters + tagged, request.fuse)
+            scheduler = self._use_scheduler(request.scheduler)
+            images = generate(self.pipe, settings, callback=progress)
+            files = []
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            for index, image in enumerate(images):
+                path = self._free_output_path(f"{stamp}-{settings.seed}-{index}")
+                save_png(image, path, settings, model=self.model_label, scheduler=scheduler, adapters=uses)
+                files.append(path)
+        return GenerateResult(files, settings.seed, prompt, scheduler, uses)
+
+    def _free_output_path(self, stem: str) -> Path:
+        path, number = self.outputs_dir / f"{stem}.png", 1
+        while path.exists():
+            path, number = self.outputs_dir / f"{stem}-{number}.png", number + 1
+        return path
+
+    def blend(self, request: BlendRequest) -> BlendResult:
+        """The weighted blend of the request's files (read fresh: blending is an explicit, rare action)."""
+        if not request.adapters:
+            raise InvalidArgumentError("blend: choose at least one adapter")
+        states = [(read_adapter(self.library.path_of(file)), weight) for file, weight in request.adapters]
+        return blend(states, method=request.method, rank=request.rank, density=request.density)
+
+    def preview_blend(self, request: BlendRequest, generation: GenerateRequest,
+                      progress: Callable[[int, int], None] | None = None) -> tuple[Image.Image, int]:
+        """One image of the blend alone (other adapters and prompt tags off) with the Generate tab's settings.
+
+        The blend is added to the runtime under a temporary name for this image and removed afterwards.
+        """
+        result = self.blend(request)
+        prompt, _ = parse_prompt_loras(generation.prompt)
+        settings = dataclasses.replace(self._settings(generation, prompt), num_images=1)
+        with self.lock:
+            self._apply_mix([], fuse=False)
+            self._use_scheduler(generation.scheduler)
+            self.runtime.add_adapter(BLEND_PREVIEW_ADAPTER, result.state, 1.0, source="blend preview")
+            try:
+                image = generate(self.pipe, settings, callback=progress)[0]
+            finally:
+                self.runtime.remove(BLEND_PREVIEW_ADAPTER)
+        return image, settings.seed
+
+    def save_blend(self, request: BlendRequest, name: str, layout: str = "difflora") -> SavedBlend:
+        """Write the blend into the adapter folder as ``name`` (an existing file is never overwritten)."""
+        if layout not in WRITE_LAYOUTS:
+            raise InvalidArgumentError(f"layout {layout!r} is not one of {', '.join(WRITE_LAYOUTS)}", "layout")
+        file = adapter_file_name(name, "blend name")
+        path = resolve_inside(self.root, file, "blend name")
+        if path.exists():
+            raise InvalidArgumentError(f"{file} already exists in the adapter folder; choose another name")
+        result = self.blend(request)
+        sources = ", ".join(f"{source}:{weight:g}" for source, weight in request.adapters)
+        write_adapter(result.state, path, {"difflora.blend_sources": sources}, layout=layout)
+        report = f"Saved `{file}` ({layout} format) in the adapter folder.\n\n" + error_report(result, request.method)
+        return SavedBlend(path, report)
+
+    def inspect(self, name: str) -> dict:
+        """``describe_adapter`` of a file of the adapter folder, with its trigger words."""
+        return describe_adapter(read_adapter(self.library.path_of(name, "inspect")))
+
+    def inspect_upload(self, uploaded: str | os.PathLike) -> dict:
+        """``describe_adapter`` of an uploaded file; anything but a safetensors LoRA file is refused."""
+        return describe_adapter(_read_upload(Path(uploaded)))
+
+    def add_upload(self, uploaded: str | os.PathLike, name: str | None = None) -> str:
+        """Copy an uploaded adapter into the adapter folder after reading it as a LoRA file; returns its file name."""
+        uploaded = Path(uploaded)
+        _read_upload(uploaded)
+        file = adapter_file_name(name or uploaded.name, "upload")
+        path = resolve_inside(self.root, file, "upload")
+        if path.exists():
+            raise InvalidArgumentError(f"{file} already exists in the adapter folder; rename the upload")
+        with atomic_path(path) as temporary:
+            shutil.copyfile(uploaded, temporary)
+        return file
+
+
+def _read_upload(path: Path) -> AdapterState:
+    """Read an upload as a LoRA file. Only ``.safetensors`` is accepted: a pickle is refused before it is opened."""
+    if path.suffix.lower() != ADAPTER_SUFFIX:
+        raise AdapterFileError(
+            f"upload {path.name}: only .safetensors adapter files are accepted (pickles are refused)"
+        )
+    try:
+        return read_adapter(path)
+    except AdapterFileError as error:
+        # Name the upload, not the server's temporary copy of it.
+        message = str(error).replace(str(path), "").lstrip(": ")
+        raise AdapterFileError(f"upload {path.name} refused: {message}") from None

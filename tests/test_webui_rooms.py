@@ -1,0 +1,122 @@
+"""The web UI's rooms: gradio lives in ``difflora/webui/page.py`` alone (the package imports, and ``main`` says what is
+missing, without it); the three ways to start the UI answer ``--help``; errors are told by the page's field labels."""
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from difflora.errors import InvalidArgumentError
+from difflora.webui import SLOT_COUNT, BlendRequest, GenerateRequest, TrainRequest
+
+REPO = Path(__file__).resolve().parent.parent
+PACKAGE = REPO / "difflora"
+PYTHON = sys.executable
+
+
+def runtime_imports(tree: ast.AST) -> set[str]:
+    """Top-level package names a module imports when it runs (``if TYPE_CHECKING:`` blocks are for type checkers)."""
+    found: set[str] = set()
+
+    def visit(node: ast.AST) -> None:
+        if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING":
+            for child in node.orelse:
+                visit(child)
+            return
+        if isinstance(node, ast.Import):
+            found.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            found.add(node.module.split(".")[0])
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+
+    visit(tree)
+    return found
+
+
+def run_python(code: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([PYTHON, "-c", code, *args], cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
+def test_only_the_page_imports_gradio():
+    importers = sorted(
+        str(path.relative_to(REPO))
+        for path in PACKAGE.rglob("*.py")
+        if "gradio" in runtime_imports(ast.parse(path.read_text(encoding="utf-8")))
+    )
+    assert importers == ["difflora/webui/page.py"]
+
+
+def test_the_package_imports_without_gradio():
+    loaded = run_python("import sys, difflora.webui\n"
+                        "print(sorted(name for name in sys.modules if name.split('.')[0] == 'gradio'))")
+    assert loaded.returncode == 0, loaded.stderr
+    assert loaded.stdout.strip() == "[]"
+
+
+def test_without_gradio_main_says_so_in_one_line(tmp_path):
+    hidden = run_python(
+        "import sys; sys.modules['gradio'] = None  # as if it were not installed\n"
+        "from difflora.webui import main\n"
+        "sys.exit(main(sys.argv[1:]))",
+        "--lora-dir", str(tmp_path),
+    )
+    assert hidden.returncode == 2, hidden.stderr
+    assert hidden.stderr.splitlines() == ["difflora: error: the web UI needs gradio: pip install 'difflora[webui]'"]
+    assert list(tmp_path.iterdir()) == []  # nothing written in the adapter folder
+
+
+@pytest.mark.parametrize("command", [
+    [PYTHON, "-m", "difflora.webui"],
+    [PYTHON, "webui/app.py"],
+    [str(Path(PYTHON).parent / "difflora"), "webui"],
+])
+def test_every_way_to_start_answers_help(command):
+    shown = subprocess.run([*command, "--help"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.startswith("usage: difflora webui ") and "--lora-dir" in shown.stdout
+
+
+def test_a_missing_adapter_folder_is_told_by_its_flag(tmp_path):
+    """The library names the parameter (``lora_dir``); the command line tells it by its flag."""
+    missing = tmp_path / "no-such-folder"
+    started = subprocess.run([PYTHON, "-m", "difflora.webui", "--lora-dir", str(missing)], cwd=REPO,
+                             capture_output=True, text=True, timeout=300)
+    assert started.returncode == 2
+    assert started.stderr.splitlines() == [f"difflora: error: --lora-dir {missing}: no such folder (create it first)"]
+
+
+def form_error(parse, values) -> InvalidArgumentError:
+    with pytest.raises(InvalidArgumentError) as caught:
+        parse(values)
+    return caught.value
+
+
+def generate_values(steps=3) -> list:
+    form = ["a castle", "", steps, 5.0, 0, False, 64, 64, "Model default", 1, False]
+    return form + [None, 1.0, True, ""] * SLOT_COUNT
+
+
+def test_errors_are_told_by_the_label_of_their_field():
+    pytest.importorskip("gradio")
+    from difflora.webui.page import BLEND_LABELS, GENERATE_LABELS, TRAIN_LABELS, _progress_html, in_field_words
+    from difflora.webui.training_job import TrainingStatus
+
+    steps = form_error(GenerateRequest.from_form, generate_values(steps=0))
+    assert in_field_words(steps, GENERATE_LABELS) == "Steps: must be a whole number >= 1, got 0"
+    blend_values = [None, 1.0] * SLOT_COUNT + ["svd", -1, 0.5]
+    rank = form_error(BlendRequest.from_form, blend_values)
+    assert in_field_words(rank, BLEND_LABELS) == "Rank (svd, ties, dare): must be a whole number >= 0, got -1"
+    with pytest.raises(InvalidArgumentError) as caught:
+        TrainRequest("named", "data", batch_size=0).options(native_size=64)
+    assert in_field_words(caught.value, TRAIN_LABELS) == "Batch size: must be a whole number >= 1, got 0"
+    # A message that does not start with the parameter keeps its words after the label; no label, no change.
+    assert in_field_words(InvalidArgumentError("needs a rank", "rank"), TRAIN_LABELS) == "Rank: needs a rank"
+    assert in_field_words(InvalidArgumentError("rank must be > 0", "rank"), GENERATE_LABELS) == "rank must be > 0"
+    assert in_field_words(InvalidArgumentError("no parameter here"), TRAIN_LABELS) == "no parameter here"
+    # A training run that fails on bad input in the background is told in the Train tab's words too.
+    error = InvalidArgumentError("lr must be > 0, got -1.0", "lr")
+    failed = TrainingStatus("failed", name="x", message=f"training failed: {error}", error=error)
+    assert "training failed: Learning rate: must be &gt; 0, got -1.0" in _progress_html(failed)
