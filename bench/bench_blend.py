@@ -1,6 +1,7 @@
 """Blending cost: difflora's factor-space SVD against the full-matrix way, on the real SD 1.5 layer shapes.
 
     python bench/bench_blend.py                  # 4 adapters of rank 32 → rank 32, weights 0.7 −0.3 0.5 0.2
+    python bench/bench_blend.py --quick          # a smoke run: CLIP-L's 48 projections only, no UNet load
 
 The full-matrix way (what kohya's svd_merge_lora does) builds every module's d×k delta for each adapter, sums them,
 and runs ``torch.linalg.svd`` on the sum. difflora stacks the factors, takes QRs and an SVD of a 128×128 core.
@@ -65,7 +66,8 @@ def full_matrix_svd(adapters, rank: int) -> dict[str, float]:
     """The reference: each d×k delta built, summed, SVD'd; returns each module's relative error at ``rank``."""
     errors = {}
     for key in adapters[0][0].modules:
-        total = sum(weight * state.modules[key].scale * (state.modules[key].up @ state.modules[key].down) for state, weight in adapters)
+        total = sum(weight * state.modules[key].scale * (state.modules[key].up @ state.modules[key].down)
+                    for state, weight in adapters)
         left, singular, right_t = torch.linalg.svd(total, full_matrices=False)
         approximation = (left[:, :rank] * singular[:rank]) @ right_t[:rank]
         errors[key] = float((total - approximation).norm() / total.norm())
@@ -75,8 +77,12 @@ def full_matrix_svd(adapters, rank: int) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rank", type=int, default=32, help="rank of each adapter and of the result")
+    parser.add_argument("--quick", action="store_true",
+                        help="the text encoder's projections only and no loading into a UNet (checks the script runs)")
     args = parser.parse_args()
     shapes = sd15_attention_shapes()
+    if args.quick:
+        shapes = {key: shape for key, shape in shapes.items() if key.startswith("text_encoder.")}
     adapters = [(random_adapter(shapes, args.rank, seed), weight) for seed, weight in enumerate(WEIGHTS)]
 
     start = time.perf_counter()
@@ -95,14 +101,16 @@ def main() -> None:
         kohya = write_adapter(read_adapter(path), Path(folder) / "k.safetensors", layout="kohya")
         back = write_adapter(read_adapter(kohya), Path(folder) / "b.safetensors")
         convert_seconds = time.perf_counter() - start
-        load_seconds = time_loading(back)
+        load_seconds = None if args.quick else time_loading(back)
 
-    print(f"{len(shapes)} attention projections of SD 1.5 (UNet + CLIP-L), 4 adapters of rank {args.rank} → rank "
+    where = "CLIP-L" if args.quick else "UNet + CLIP-L"
+    print(f"{len(shapes)} attention projections of SD 1.5 ({where}), 4 adapters of rank {args.rank} → rank "
           f"{args.rank}; {torch.get_num_threads()} threads, torch {torch.__version__}, {platform.machine()}")
     print(f"difflora svd (factor space):   {ours_seconds:8.2f} s, mean relative error {ours_mean:.6f}")
     print(f"full-matrix svd (reference):   {reference_seconds:8.2f} s, mean relative error {reference_mean:.6f}")
     print(f"speed-up: {reference_seconds / ours_seconds:.1f}x; largest per-module error gap {largest_gap:.2e}")
-    print(f"convert difflora → kohya → difflora: {convert_seconds:.2f} s; load into the SD 1.5 UNet: {load_seconds:.2f} s")
+    loading = "skipped (--quick)" if load_seconds is None else f"{load_seconds:.2f} s"
+    print(f"convert difflora → kohya → difflora: {convert_seconds:.2f} s; load into the SD 1.5 UNet: {loading}")
 
 
 def time_loading(path: Path) -> float:

@@ -1,7 +1,6 @@
 """difflora: LoRA adapters for diffusion models — attention processors, multi-adapter runtime, files, training, UI."""
 
-__version__ = "0.1.0"
-
+from ._version import __version__
 from .blocks import BlockWeights
 from .errors import AdapterFileError, AdapterShapeError, DiffloraError, InvalidArgumentError, ModelLoadError
 from .adapter import AdapterState, LoRAModuleWeights

@@ -14,14 +14,13 @@ with the factors side by side: ``[w₁s₁B₁ … wₙsₙBₙ] · [A₁; …; 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
 
-from .blocks import BlockWeights
-from .errors import InvalidArgumentError
 from .adapter import AdapterState, LoRAModuleWeights
+from .blocks import BlockWeights
+from .errors import InvalidArgumentError, finite_number
 
 __all__ = ["BLEND_METHODS", "BlendResult", "blend", "scale_adapter", "resize_adapter", "low_rank_approximation"]
 
@@ -70,11 +69,11 @@ def low_rank_approximation(up: torch.Tensor, down: torch.Tensor, rank: int | Non
     left, singular, right_t = torch.linalg.svd(core, full_matrices=False)
     if energy is not None:
         if not 0.0 < energy <= 1.0:
-            raise InvalidArgumentError(f"--energy must be in (0, 1], got {energy}")
+            raise InvalidArgumentError(f"energy must be in (0, 1], got {energy}", parameter="energy")
         shares = torch.cumsum(singular**2, 0) / max(float((singular**2).sum()), 1e-300)
         rank = int(torch.searchsorted(shares, torch.tensor(energy, dtype=shares.dtype) - 1e-12).item()) + 1
     if rank is None or rank <= 0:
-        raise InvalidArgumentError(f"--rank must be a positive integer, got {rank}")
+        raise InvalidArgumentError(f"rank must be a positive integer, got {rank}", parameter="rank")
     rank = min(rank, singular.numel())
     total = float(singular.norm())
     error = float(singular[rank:].norm()) / total if total > 0 else 0.0
@@ -83,19 +82,29 @@ def low_rank_approximation(up: torch.Tensor, down: torch.Tensor, rank: int | Non
     return new_up.float(), new_down.float(), error, singular
 
 
-def _check_weights(adapters: list[tuple[AdapterState, float]]) -> None:
+def _check_options(adapters: list[tuple[AdapterState, float]], method: str, rank: int | None, density: float) -> None:
     if not adapters:
-        raise InvalidArgumentError("blend needs at least one adapter")
-    for _, weight in adapters:
-        if not math.isfinite(weight):
-            raise InvalidArgumentError(f"blend weight {weight!r} is not a finite number")
+        raise InvalidArgumentError("adapters must hold at least one (adapter, weight) pair, got none",
+                                   parameter="adapters")
+    for index, (_, weight) in enumerate(adapters):
+        finite_number(weight, f"adapters: the weight of adapter {index + 1}", parameter="adapters")
+    if method not in BLEND_METHODS:
+        raise InvalidArgumentError(f"method {method!r} is not one of {', '.join(BLEND_METHODS)}", parameter="method")
+    if method != "concat" and (rank is None or rank <= 0):
+        raise InvalidArgumentError(f"rank is required by method {method!r} (a positive integer), got {rank}",
+                                   parameter="rank")
+    if method in ("ties", "dare") and not 0.0 < finite_number(density, "density", parameter="density") <= 1.0:
+        raise InvalidArgumentError(f"density must be in (0, 1], got {density}", parameter="density")
 
 
 def _check_shapes(adapters: list[tuple[AdapterState, float]], module_key: str) -> None:
     shapes = {(tuple(s.modules[module_key].up.shape[:1]), tuple(s.modules[module_key].down.shape[1:]))
               for s, _ in adapters if module_key in s.modules}
     if len(shapes) > 1:
-        raise InvalidArgumentError(f"adapters disagree on the shape of {module_key!r}: {sorted(shapes)} (other base models?)")
+        raise InvalidArgumentError(
+            f"adapters disagree on the shape of {module_key!r}: {sorted(shapes)} (other base models?)",
+            parameter="adapters",
+        )
 
 
 def blend(
@@ -109,13 +118,7 @@ def blend(
     ``rank`` is required by ``svd``, ``ties`` and ``dare`` (the result's rank); ``density`` is the share of entries
     ``ties``/``dare`` keep. The result has scale 1 (``alpha = rank``) on every module.
     """
-    _check_weights(adapters)
-    if method not in BLEND_METHODS:
-        raise InvalidArgumentError(f"--method {method!r} is not one of {', '.join(BLEND_METHODS)}")
-    if method != "concat" and (rank is None or rank <= 0):
-        raise InvalidArgumentError(f"--method {method} needs --rank (a positive integer)")
-    if method in ("ties", "dare") and not 0.0 < density <= 1.0:
-        raise InvalidArgumentError(f"--density must be in (0, 1], got {density}")
+    _check_options(adapters, method, rank, density)
     module_keys = sorted({key for state, _ in adapters for key in state.modules})
     modules, errors = {}, {}
     for module_key in module_keys:
@@ -158,14 +161,15 @@ def _merge_full(adapters, module_key: str, method: str, rank: int, density: floa
 def scale_adapter(state: AdapterState, weight: float = 1.0, block_weights: BlockWeights | None = None) -> AdapterState:
     """The adapter with every module's ``up`` multiplied by ``weight`` × its block weight: a file that behaves at
     weight 1 as the original did at that weight."""
-    if not math.isfinite(weight):
-        raise InvalidArgumentError(f"--weight {weight!r} is not a finite number")
+    weight = finite_number(weight, "weight", parameter="weight")
     block_weights = block_weights or BlockWeights()
     modules = {}
     for module_key, module in state.modules.items():
         component, _, path = module_key.partition(".")
         factor = weight * block_weights.factor(component, path)
-        modules[module_key] = LoRAModuleWeights(module.down.clone(), module.up * factor, module.alpha, module.use_rslora)
+        modules[module_key] = LoRAModuleWeights(
+            module.down.clone(), module.up * factor, module.alpha, module.use_rslora
+        )
     return AdapterState(modules=modules, metadata=dict(state.metadata), source_format=state.source_format)
 
 
@@ -173,10 +177,13 @@ def resize_adapter(state: AdapterState, rank: int | None = None, energy: float |
     """Each module at rank ``rank`` (or the least rank holding ``energy`` of its squared singular values), the
     optimal factors of that rank, with each module's relative error. Modules already small enough are kept exactly."""
     if (rank is None) == (energy is None):
-        raise InvalidArgumentError("resize needs exactly one of --rank or --energy")
+        given = "neither" if rank is None else "both"
+        raise InvalidArgumentError(f"rank or energy: resize needs exactly one of them, got {given}")
     modules, errors = {}, {}
     for module_key, module in state.modules.items():
         up, down = _weighted_factors(module, 1.0)
         new_up, new_down, errors[module_key], _ = low_rank_approximation(up, down, rank=rank, energy=energy)
-        modules[module_key] = LoRAModuleWeights(new_down.contiguous(), new_up.contiguous(), alpha=float(new_down.shape[0]))
+        modules[module_key] = LoRAModuleWeights(
+            new_down.contiguous(), new_up.contiguous(), alpha=float(new_down.shape[0])
+        )
     return BlendResult(AdapterState(modules=modules, metadata=dict(state.metadata), source_format="difflora"), errors)

@@ -213,7 +213,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from ._version import __version__
 
     parser = OneLineErrorParser(
         prog="difflora", description="LoRA adapters for Stable Diffusion: generate, inspect, train, blend, export."

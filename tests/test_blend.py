@@ -6,6 +6,7 @@ from peft.utils import merge_utils
 
 from difflora import BlockWeights, LoRARuntime
 from difflora.blend import blend, low_rank_approximation, resize_adapter, scale_adapter
+from difflora._entry import error_line
 from difflora.errors import InvalidArgumentError
 from difflora.adapter import AdapterState, LoRAModuleWeights
 from difflora.formats import write_adapter
@@ -88,8 +89,12 @@ def test_low_rank_approximation_never_forms_the_full_matrix_but_agrees_with_it()
     kept_up, _, kept_error, _ = low_rank_approximation(up, down, energy=0.9)
     assert kept_error <= (1 - 0.9) ** 0.5 + 1e-9  # the dropped squares hold at most 10% of the energy
     assert kept_up.shape[1] < 12
-    with pytest.raises(InvalidArgumentError, match="--energy"):
+    with pytest.raises(InvalidArgumentError, match=r"^energy must be in \(0, 1\], got 1.5$") as caught:
         low_rank_approximation(up, down, energy=1.5)
+    assert caught.value.parameter == "energy"
+    with pytest.raises(InvalidArgumentError, match="^rank must be a positive integer, got 0$") as caught:
+        low_rank_approximation(up, down, rank=0)
+    assert caught.value.parameter == "rank"
 
 
 @pytest.mark.parametrize("method, peft_merge", [("ties", merge_utils.ties), ("dare", merge_utils.dare_linear)])
@@ -100,42 +105,100 @@ def test_ties_and_dare_use_peft_on_whole_deltas(pipe, method, peft_merge):
     result = blend([(a, 0.6), (b, 0.4)], method=method, rank=32, density=0.5)  # full rank: no truncation error
     torch.manual_seed(0)
     for key, module in sorted(result.state.modules.items()):
-        expected = peft_merge([delta(a.modules[key]).float(), delta(b.modules[key]).float()], torch.tensor([0.6, 0.4]), 0.5)
+        deltas = [delta(a.modules[key]).float(), delta(b.modules[key]).float()]
+        expected = peft_merge(deltas, torch.tensor([0.6, 0.4]), 0.5)
         torch.testing.assert_close(delta(module).float(), expected, rtol=0, atol=1e-5)
+
+
+# BlockWeights(down=0.25, mid=2, up=0, te=0.5, down.0=1.5, up.1=0.75) written out by hand for every module path of
+# the tiny model (two down, one mid and two up blocks with attention): a block index wins over its part.
+BLOCK_WEIGHTS = BlockWeights(down=0.25, mid=2.0, up=0.0, text_encoder=0.5, per_block={"down.0": 1.5, "up.1": 0.75})
+MULTIPLIER_BY_PREFIX = {
+    "unet.down_blocks.0.": 1.5,
+    "unet.down_blocks.1.": 0.25,
+    "unet.mid_block.": 2.0,
+    "unet.up_blocks.0.": 0.0,
+    "unet.up_blocks.1.": 0.75,
+    "text_encoder.": 0.5,
+}
+
+
+def hand_multiplier(module_key: str) -> float:
+    (multiplier,) = [value for prefix, value in MULTIPLIER_BY_PREFIX.items() if module_key.startswith(prefix)]
+    return multiplier
+
+
+def merge_into_weights(pipe, state: AdapterState, multiplier) -> None:
+    """The reference: ``W ← W + multiplier(key) · scale · up @ down`` in the model's own linear layers."""
+    with torch.no_grad():
+        for module_key, module in state.modules.items():
+            component, _, path = module_key.partition(".")
+            layer = getattr(pipe, component).get_submodule(path)
+            layer.weight += multiplier(module_key) * module.scale * (module.up @ module.down)
 
 
 def test_scale_and_block_weights(pipe, tiny_model_dir):
     state = random_adapter(pipe, rank=4, alpha=8, seed=9)
-    scaled = scale_adapter(state, weight=0.5, block_weights=BlockWeights(up=0.0))
+    scaled = scale_adapter(state, weight=0.5, block_weights=BLOCK_WEIGHTS)
+    assert set(scaled.modules) == set(state.modules)
+    for key, module in scaled.modules.items():
+        expected = 0.5 * hand_multiplier(key) * delta(state.modules[key])
+        torch.testing.assert_close(delta(module), expected, rtol=1e-6, atol=1e-6 * float(expected.abs().max()))
+
     ours = load_pipeline(tiny_model_dir, quiet=True)
     LoRARuntime.attach(ours).add_adapter("scaled", scaled)
-    runtime_weighted = load_pipeline(tiny_model_dir, quiet=True)
-    LoRARuntime.attach(runtime_weighted).add_adapter("orig", state, weight=0.5, block_weights=BlockWeights(up=0.0))
-    assert abs(image(ours) - image(runtime_weighted)).max() < 1e-5
+    reference = load_pipeline(tiny_model_dir, quiet=True)
+    merge_into_weights(reference, state, lambda key: 0.5 * hand_multiplier(key))
+    assert abs(image(ours) - image(reference)).max() < 1e-5
+    assert abs(image(ours) - image(pipe)).max() > 10 / 255  # the scaled adapter still changes the picture
 
 
 def test_resize_reports_the_optimal_error(pipe):
     state = random_adapter(pipe, rank=8, alpha=8, seed=10, components=("unet",))
     smaller = resize_adapter(state, rank=3)
+    assert set(smaller.state.modules) == set(state.modules)
     for key, module in smaller.state.modules.items():
-        singular = torch.linalg.svdvals(delta(state.modules[key]))
+        original = delta(state.modules[key])
+        singular = torch.linalg.svdvals(original)
+        optimum = float(singular[3:].norm() / singular.norm())  # Eckart–Young: no rank-3 factors do better
+        achieved = float((delta(module) - original).norm() / original.norm())  # what the written factors give
         assert module.rank == 3
-        assert smaller.relative_errors[key] == pytest.approx(float(singular[3:].norm() / singular.norm()), rel=1e-4)
+        assert achieved == pytest.approx(optimum, rel=1e-4)
+        assert smaller.relative_errors[key] == pytest.approx(achieved, rel=1e-4)
     kept = resize_adapter(state, energy=0.999999)
-    assert all(module.rank == 8 for module in kept.state.modules.values())
+    for key, module in kept.state.modules.items():
+        assert module.rank == 8
+        torch.testing.assert_close(delta(module), delta(state.modules[key]), rtol=0, atol=1e-6)
     with pytest.raises(InvalidArgumentError, match="exactly one"):
         resize_adapter(state)
 
 
+def refused(call, *args, **kwargs) -> InvalidArgumentError:
+    with pytest.raises(InvalidArgumentError) as caught:
+        call(*args, **kwargs)
+    return caught.value
+
+
 def test_bad_blends_are_refused(pipe):
+    """Library errors name the parameter (the command line turns it into its flag, the web UI into its field)."""
     a = random_adapter(pipe, rank=2, alpha=2, seed=11, components=("unet",))
-    with pytest.raises(InvalidArgumentError, match="--method"):
-        blend([(a, 1.0)], method="average")
-    with pytest.raises(InvalidArgumentError, match="needs --rank"):
-        blend([(a, 1.0)], method="svd")
-    with pytest.raises(InvalidArgumentError, match="finite"):
-        blend([(a, float("nan"))])
     key = next(iter(a.modules))
     other = AdapterState(modules={key: LoRAModuleWeights(torch.ones(2, 7), torch.ones(5, 2), 2.0)})
-    with pytest.raises(InvalidArgumentError, match="disagree on the shape"):
-        blend([(a, 1.0), (other, 1.0)])
+    cases = [
+        (refused(blend, [(a, 1.0)], method="average"), "method", "method 'average' is not one of concat, svd"),
+        (refused(blend, [(a, 1.0)], method="svd"), "rank", "rank is required by method 'svd' (a positive integer)"),
+        (refused(blend, [(a, 1.0)], method="dare", rank=0), "rank", "rank is required by method 'dare'"),
+        (refused(blend, [(a, 1.0)], method="ties", rank=2, density=0.0), "density", "density must be in (0, 1]"),
+        (refused(blend, [(a, float("nan"))]), "adapters", "adapters: the weight of adapter 1 must be a finite"),
+        (refused(blend, []), "adapters", "adapters must hold at least one"),
+        (refused(blend, [(a, 1.0), (other, 1.0)]), "adapters", f"adapters disagree on the shape of {key!r}"),
+        (refused(scale_adapter, a, weight=float("inf")), "weight", "weight must be a finite number, got inf"),
+        (refused(resize_adapter, a), None, "rank or energy: resize needs exactly one of them, got neither"),
+        (refused(resize_adapter, a, rank=1, energy=0.5), None, "rank or energy: resize needs exactly one of them"),
+        (refused(resize_adapter, a, rank=0), "rank", "rank must be a positive integer, got 0"),
+    ]
+    for error, parameter, message in cases:
+        assert error.parameter == parameter and str(error).startswith(message), (parameter, str(error))
+        assert "--" not in str(error)
+    # On the command line the parameter reads as its flag, as the message did before it named the parameter.
+    assert error_line(cases[1][0], {"--rank", "--method"}).startswith("difflora: error: --rank is required by")

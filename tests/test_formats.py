@@ -19,7 +19,8 @@ from difflora.generate import GenerationSettings, generate
 from difflora.models import load_pipeline
 from helpers import random_adapter
 
-SETTINGS = GenerationSettings(prompt="an oil painting of a lighthouse", steps=3, guidance=5.0, seed=3, width=64, height=64)
+SETTINGS = GenerationSettings(prompt="an oil painting of a lighthouse", steps=3, guidance=5.0, seed=3, width=64,
+                              height=64)
 ONE_LEVEL = 1 / 255
 
 
@@ -86,14 +87,17 @@ def test_plain_diffusers_loads_difflora_file_at_the_right_scale(tiny_model_dir, 
 
 def write_with_diffusers(pipe, folder, rank, alpha, with_metadata):
     """A LoRA file as diffusers' training scripts write it (PEFT adapters, then save_lora_weights)."""
-    unet_config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=False, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
-    text_config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=False, target_modules=["q_proj", "k_proj", "v_proj", "out_proj"])
+    unet_config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=False,
+                             target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+    text_config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=False,
+                             target_modules=["q_proj", "k_proj", "v_proj", "out_proj"])
     torch.manual_seed(5)
     pipe.unet.add_adapter(unet_config)
     pipe.text_encoder.add_adapter(text_config)
     extra = {}
     if with_metadata:
-        extra = {"unet_lora_adapter_metadata": unet_config.to_dict(), "text_encoder_lora_adapter_metadata": text_config.to_dict()}
+        extra = {"unet_lora_adapter_metadata": unet_config.to_dict(),
+                 "text_encoder_lora_adapter_metadata": text_config.to_dict()}
     type(pipe).save_lora_weights(
         str(folder),
         unet_lora_layers=get_peft_model_state_dict(pipe.unet),
@@ -164,17 +168,36 @@ def test_unreadable_keys_are_reported_not_dropped(pipe, tmp_path):
     assert loaded.skipped == ["unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_magnitude_vector"]
 
 
+TO_Q = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+
+
+def file_with(folder, name, contents):
+    """``folder/name`` holding ``contents``: bytes as they are, a dict of tensors as a safetensors file."""
+    path = folder / name
+    if isinstance(contents, bytes):
+        path.write_bytes(contents)
+    else:
+        save_file(contents, str(path))
+    return path
+
+
 @pytest.mark.parametrize(
     "make, message",
     [
         (lambda d: d / "missing.safetensors", "no such file"),
-        (lambda d: (d / "model.bin").write_bytes(b"\x80\x02") and d / "model.bin", "pickle"),
-        (lambda d: (d / "model.ckpt").write_bytes(b"\x80\x02") and d / "model.ckpt", "pickle"),
-        (lambda d: (d / "garbage.safetensors").write_bytes(b"not a safetensors file at all") and d / "garbage.safetensors", "not a readable safetensors"),
-        (lambda d: save_file({"foo.weight": torch.ones(2)}, str(d / "foo.safetensors")) or d / "foo.safetensors", "no LoRA keys"),
-        (lambda d: save_file({"unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight": torch.ones(2, 32)}, str(d / "half.safetensors")) or d / "half.safetensors", "no up factor"),
+        (lambda d: file_with(d, "model.bin", b"\x80\x02"), "pickle"),
+        (lambda d: file_with(d, "model.ckpt", b"\x80\x02"), "pickle"),
+        (lambda d: file_with(d, "garbage.safetensors", b"not a safetensors file at all"), "not a readable safetensors"),
+        (lambda d: file_with(d, "foo.safetensors", {"foo.weight": torch.ones(2)}), "no LoRA keys"),
+        (lambda d: file_with(d, "half.safetensors", {f"{TO_Q}.lora_A.weight": torch.ones(2, 32)}), "no up factor"),
         (lambda d: d, "no pytorch_lora_weights"),
-        (lambda d: save_file({"unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight": torch.ones(0, 32), "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_B.weight": torch.ones(32, 0)}, str(d / "rank0.safetensors")) or d / "rank0.safetensors", "expected down (rank × in)"),
+        (
+            lambda d: file_with(
+                d, "rank0.safetensors",
+                {f"{TO_Q}.lora_A.weight": torch.ones(0, 32), f"{TO_Q}.lora_B.weight": torch.ones(32, 0)},
+            ),
+            "expected down (rank × in)",
+        ),
     ],
     ids=["missing", "bin", "ckpt", "garbage", "no-lora-keys", "half-module", "empty-folder", "rank-zero"],
 )
@@ -296,7 +319,8 @@ def test_peft_folder_round_trip_and_peft_loads_it(pipe, tiny_model_dir, tmp_path
     with torch.no_grad():
         ours_context = ours.text_encoder(ids)[0]
         torch.testing.assert_close(text_encoder(input_ids=ids)[0], ours_context, rtol=0, atol=1e-5)
-        torch.testing.assert_close(unet(latents, 10, ours_context).sample, ours.unet(latents, 10, ours_context).sample, rtol=0, atol=1e-5)
+        torch.testing.assert_close(unet(latents, 10, ours_context).sample, ours.unet(latents, 10, ours_context).sample,
+                                   rtol=0, atol=1e-5)
     with pytest.raises(AdapterFileError, match="exists"):
         write_peft_folder(state, folder)
 
@@ -305,7 +329,8 @@ def test_written_files_get_the_usual_permissions(pipe, tmp_path):
     import os
     import stat
 
-    path = write_adapter(random_adapter(pipe, rank=2, alpha=2, seed=1, components=("unet",)), tmp_path / "a.safetensors")
+    state = random_adapter(pipe, rank=2, alpha=2, seed=1, components=("unet",))
+    path = write_adapter(state, tmp_path / "a.safetensors")
     umask = os.umask(0)
     os.umask(umask)
     assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
@@ -314,15 +339,23 @@ def test_written_files_get_the_usual_permissions(pipe, tmp_path):
 def test_kohya_sdxl_keys_map_to_diffusers_modules():
     """SDXL kohya files name UNet blocks in the original layout; the attention modules map onto diffusers' names
     (SDXL: down blocks 1-2 and up blocks 0-1 hold attention, two layers down and three up, ten transformer blocks)."""
-    cases = {
-        "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q": "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q",
-        "lora_unet_input_blocks_5_1_transformer_blocks_1_attn2_to_k": "unet.down_blocks.1.attentions.1.transformer_blocks.1.attn2.to_k",
-        "lora_unet_input_blocks_8_1_transformer_blocks_9_attn1_to_out_0": "unet.down_blocks.2.attentions.1.transformer_blocks.9.attn1.to_out.0",
-        "lora_unet_middle_block_1_transformer_blocks_3_attn2_to_v": "unet.mid_block.attentions.0.transformer_blocks.3.attn2.to_v",
-        "lora_unet_output_blocks_0_1_transformer_blocks_0_attn1_to_q": "unet.up_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q",
-        "lora_unet_output_blocks_5_1_transformer_blocks_1_attn2_to_out_0": "unet.up_blocks.1.attentions.2.transformer_blocks.1.attn2.to_out.0",
-        "lora_te2_text_model_encoder_layers_31_self_attn_out_proj": "text_encoder_2.encoder.layers.31.self_attn.out_proj",
-        "lora_te1_text_model_encoder_layers_0_self_attn_q_proj": "text_encoder.encoder.layers.0.self_attn.q_proj",
+    cases = {  # kohya name → difflora module key
+        "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q":
+            "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q",
+        "lora_unet_input_blocks_5_1_transformer_blocks_1_attn2_to_k":
+            "unet.down_blocks.1.attentions.1.transformer_blocks.1.attn2.to_k",
+        "lora_unet_input_blocks_8_1_transformer_blocks_9_attn1_to_out_0":
+            "unet.down_blocks.2.attentions.1.transformer_blocks.9.attn1.to_out.0",
+        "lora_unet_middle_block_1_transformer_blocks_3_attn2_to_v":
+            "unet.mid_block.attentions.0.transformer_blocks.3.attn2.to_v",
+        "lora_unet_output_blocks_0_1_transformer_blocks_0_attn1_to_q":
+            "unet.up_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q",
+        "lora_unet_output_blocks_5_1_transformer_blocks_1_attn2_to_out_0":
+            "unet.up_blocks.1.attentions.2.transformer_blocks.1.attn2.to_out.0",
+        "lora_te2_text_model_encoder_layers_31_self_attn_out_proj":
+            "text_encoder_2.encoder.layers.31.self_attn.out_proj",
+        "lora_te1_text_model_encoder_layers_0_self_attn_q_proj":
+            "text_encoder.encoder.layers.0.self_attn.q_proj",
     }
     tensors = {}
     for name in cases:

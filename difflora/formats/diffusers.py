@@ -1,0 +1,255 @@
+"""The diffusers dialect: PEFT-style ``<component>.<path>.lora_A.weight`` / ``.lora_B.weight`` keys, what
+``save_lora_weights`` and diffusers' training scripts write, and what difflora writes (layouts ``difflora`` and
+``diffusers``).
+
+Alphas come from ``.alpha`` keys, else from diffusers' ``lora_adapter_metadata`` header entry (a LoraConfig per
+component, flattened as ``<component>.<option>``), resolved per module as PEFT resolves ``alpha_pattern``; a file with
+neither has alpha = rank. Reading also takes diffusers' older spellings (:mod:`.legacy`), which one file may mix with
+these. Writing puts the header entry in, so plain ``load_lora_weights`` applies each module at its scale.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import math
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+
+from ..adapter import AdapterState, LoRAModuleWeights
+from ..errors import AdapterFileError
+from ..keys import COMPONENTS, split_module_key
+from . import legacy
+from ._common import file_module_path, require_factors
+
+__all__ = [
+    "DIFFUSERS",
+    "DIFFUSERS_METADATA_KEY",
+    "DIFFUSERS_WEIGHTS_FILE",
+    "KEY_SPELLINGS",
+    "claims",
+    "diffusers_lora_metadata",
+    "file_contents",
+    "read_state_dict",
+    "to_diffusers_state_dict",
+]
+
+DIFFUSERS = "diffusers"
+# diffusers reads its LoraConfig per component from this safetensors header key.
+DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"
+# The file diffusers' training scripts write into their output folder.
+DIFFUSERS_WEIGHTS_FILE = "pytorch_lora_weights.safetensors"
+
+# ----- reading ------------------------------------------------------------------------------------------------------
+
+# group 1 is the module path; PEFT may put the adapter's name before `.weight`.
+_LORA_A = re.compile(r"^(.+)\.lora_A(?:\.[A-Za-z0-9_-]+)?\.weight$")
+_LORA_B = re.compile(r"^(.+)\.lora_B(?:\.[A-Za-z0-9_-]+)?\.weight$")
+_ALPHA = re.compile(r"^(.+)\.alpha$")
+
+
+def _match_peft_key(rest: str) -> tuple[str, str, str] | None:
+    """``(module path, 'diffusers', 'down'|'up')`` of a ``lora_A``/``lora_B`` key (component prefix removed)."""
+    for pattern, factor in ((_LORA_A, "down"), (_LORA_B, "up")):
+        match = pattern.match(rest)
+        if match:
+            return match.group(1), DIFFUSERS, factor
+    return None
+
+
+# Key spellings of the diffusers family, each ``rest → (module path, format name, factor) | None``; they never match
+# the same key. A file may mix them, and the commonest names its format.
+KEY_SPELLINGS: tuple[Callable[[str], tuple[str, str, str] | None], ...] = (_match_peft_key, legacy.match_key)
+
+
+def claims(keys: Iterable[str]) -> bool:
+    """diffusers reads whatever no other dialect claimed (and says so when it finds no key it knows)."""
+    return True
+
+
+def _split_component(key: str) -> tuple[str, str] | None:
+    key = key.removeprefix("base_model.model.")
+    component, _, rest = key.partition(".")
+    if component in COMPONENTS:
+        return component, rest.removeprefix("text_model.")
+    if key.startswith(("down_blocks.", "mid_block.", "up_blocks.")):
+        return "unet", key  # the oldest diffusers files carry no component prefix
+    return None
+
+
+def _classify(key: str) -> tuple[str, str, str] | None:
+    """``(canonical module key, format, 'down'|'up'|'alpha')`` for a key difflora understands, else ``None``."""
+    located = _split_component(key)
+    if located is None:
+        return None
+    component, rest = located
+    for spelling in KEY_SPELLINGS:
+        matched = spelling(rest)
+        if matched:
+            path, format_name, factor = matched
+            return f"{component}.{path}", format_name, factor
+    alpha = _ALPHA.match(rest)
+    if alpha:
+        return f"{component}.{alpha.group(1)}", "", "alpha"
+    return None
+
+
+def _diffusers_alpha(config: dict, path: str, rank: int) -> tuple[float, bool] | None:
+    """Alpha and rsLoRA flag of one module from a diffusers/PEFT LoraConfig dict, as PEFT itself resolves them."""
+    from peft.utils.other import get_pattern_key
+
+    if not config:
+        return None
+    alpha_pattern = config.get("alpha_pattern") or {}
+    alpha = config.get("lora_alpha")
+    if alpha_pattern:
+        # Text-encoder patterns written with transformers 4 carry the `text_model.` prefix our paths drop.
+        for candidate in (path, f"text_model.{path}"):
+            pattern = get_pattern_key(list(alpha_pattern), candidate)
+            if pattern in alpha_pattern:
+                alpha = alpha_pattern[pattern]
+                break
+    if alpha is None:
+        alpha = rank
+    return float(alpha), bool(config.get("use_rslora", False))
+
+
+def _component_configs(header: dict[str, str]) -> dict[str, dict]:
+    """Per-component LoraConfig dicts from diffusers' ``lora_adapter_metadata`` header entry."""
+    raw = header.get(DIFFUSERS_METADATA_KEY)
+    if not raw:
+        return {}
+    try:
+        flat = json.loads(raw)
+    except json.JSONDecodeError as error:
+        raise AdapterFileError(f"header entry {DIFFUSERS_METADATA_KEY!r} is not JSON ({error})") from None
+    configs: dict[str, dict] = collections.defaultdict(dict)
+    for key, value in flat.items():
+        component, _, option = key.partition(".")
+        configs[component][option] = value
+    return dict(configs)
+
+
+@dataclass
+class _SortedKeys:
+    """A state dict's keys sorted out: factors per module, alphas from ``.alpha`` keys, how many factors each format
+    gave, and the keys difflora cannot apply (reported, never dropped silently)."""
+
+    factors: dict[str, dict[str, torch.Tensor]] = field(default_factory=lambda: collections.defaultdict(dict))
+    alphas: dict[str, float] = field(default_factory=dict)
+    formats: collections.Counter = field(default_factory=collections.Counter)
+    skipped: list[str] = field(default_factory=list)
+
+
+def _sort_keys(tensors: dict[str, torch.Tensor]) -> _SortedKeys:
+    keys = _SortedKeys()
+    for key, tensor in tensors.items():
+        classified = _classify(key)
+        if classified is None:
+            keys.skipped.append(key)
+            continue
+        module_key, format_name, factor = classified
+        if factor == "alpha":
+            keys.alphas[module_key] = float(tensor.item())
+            continue
+        try:
+            split_module_key(module_key)
+        except AdapterFileError:
+            keys.skipped.append(key)  # LoRA on a module other than an attention projection
+            continue
+        keys.formats[format_name] += 1
+        keys.factors[module_key][factor] = tensor
+    return keys
+
+
+def read_state_dict(tensors: dict[str, torch.Tensor], header: dict[str, str], source: str) -> AdapterState:
+    """An :class:`AdapterState` from keys in the diffusers family's spellings (see :data:`KEY_SPELLINGS`).
+
+    Raises:
+        AdapterFileError: no key in a spelling difflora reads, a module without its up or down factor, factors whose
+            shapes do not fit, or a ``lora_adapter_metadata`` header entry that is not JSON.
+    """
+    keys = _sort_keys(tensors)
+    if not keys.factors:
+        first = next(iter(tensors), "none")
+        raise AdapterFileError(f"{source}: no LoRA keys in a format difflora reads (first key: {first!r})")
+    configs = _component_configs(header)
+    modules: dict[str, LoRAModuleWeights] = {}
+    for module_key in sorted(keys.factors):
+        down, up = require_factors(source, module_key, keys.factors[module_key])
+        rank = down.shape[0]
+        component, _, path = module_key.partition(".")
+        use_rslora = False
+        if module_key in keys.alphas:
+            alpha = keys.alphas[module_key]
+        else:
+            resolved = _diffusers_alpha(configs.get(component, {}), path, rank)
+            alpha, use_rslora = resolved if resolved else (float(rank), False)
+        modules[module_key] = LoRAModuleWeights(down=down, up=up, alpha=alpha, use_rslora=use_rslora)
+
+    format_name = keys.formats.most_common(1)[0][0]
+    if format_name == DIFFUSERS and header.get("difflora.format"):
+        format_name = "difflora"
+    metadata = {key: value for key, value in header.items() if key not in ("format", DIFFUSERS_METADATA_KEY)}
+    return AdapterState(modules=modules, metadata=metadata, source_format=format_name, skipped=keys.skipped)
+
+
+# ----- writing ------------------------------------------------------------------------------------------------------
+
+
+def to_diffusers_state_dict(state: AdapterState) -> dict[str, torch.Tensor]:
+    """The tensors of the diffusers layout: ``<component>.<path>.lora_A.weight`` / ``.lora_B.weight``."""
+    tensors = {}
+    for module_key, weights in state.modules.items():
+        component, _, path = module_key.partition(".")
+        prefix = f"{component}.{file_module_path(component, path)}"
+        tensors[f"{prefix}.lora_A.weight"] = weights.down.detach().contiguous()
+        tensors[f"{prefix}.lora_B.weight"] = weights.up.detach().contiguous()
+    return tensors
+
+
+def _component_config(modules: dict[str, LoRAModuleWeights]) -> dict[str, object]:
+    """The LoraConfig of one component (module path → weights) under which PEFT gives every module its scale."""
+    use_rslora = all(weights.use_rslora for weights in modules.values())
+
+    def alpha_for(weights: LoRAModuleWeights) -> float:
+        # A module whose rsLoRA flag differs from the component's gets the alpha that gives the same scale.
+        if weights.use_rslora == use_rslora:
+            return weights.alpha
+        return weights.scale * (math.sqrt(weights.rank) if use_rslora else weights.rank)
+
+    rank = collections.Counter(w.rank for w in modules.values()).most_common(1)[0][0]
+    alpha = collections.Counter(alpha_for(w) for w in modules.values()).most_common(1)[0][0]
+    return {
+        "r": rank,
+        "lora_alpha": alpha,
+        "rank_pattern": {path: w.rank for path, w in modules.items() if w.rank != rank},
+        "alpha_pattern": {path: alpha_for(w) for path, w in modules.items() if alpha_for(w) != alpha},
+        # Full module paths: PEFT then adapts exactly the modules the file holds.
+        "target_modules": sorted(modules),
+        "use_rslora": use_rslora,
+        "use_dora": False,
+        "lora_bias": False,
+        "init_lora_weights": True,
+    }
+
+
+def diffusers_lora_metadata(state: AdapterState) -> dict[str, object]:
+    """diffusers' per-component LoraConfig (flattened as ``<component>.<option>``) that reproduces every scale."""
+    by_component: dict[str, dict[str, LoRAModuleWeights]] = collections.defaultdict(dict)
+    for module_key, weights in state.modules.items():
+        component, _, path = module_key.partition(".")
+        by_component[component][path] = weights
+    flat: dict[str, object] = {}
+    for component, modules in by_component.items():
+        flat.update({f"{component}.{option}": value for option, value in _component_config(modules).items()})
+    return flat
+
+
+def file_contents(state: AdapterState, title: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors of a diffusers-layout file and its header entry (``title`` is not written in this layout)."""
+    header = {DIFFUSERS_METADATA_KEY: json.dumps(diffusers_lora_metadata(state), sort_keys=True)}
+    return to_diffusers_state_dict(state), header
