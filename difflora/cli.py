@@ -214,6 +214,8 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from ._version import __version__
+    from .blend import BLEND_METHODS
+    from .formats import WRITE_LAYOUTS
 
     parser = OneLineErrorParser(
         prog="difflora", description="LoRA adapters for Stable Diffusion: generate, inspect, train, blend, export."
@@ -253,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     convert = commands.add_parser("convert", help="rewrite an adapter file in another format")
     convert.add_argument("input", metavar="IN", help="adapter file or folder (any format difflora reads)")
-    convert.add_argument("--to", required=True, choices=("difflora", "diffusers", "kohya", "peft"),
+    convert.add_argument("--to", required=True, choices=(*WRITE_LAYOUTS, "peft"),
                          help="output format (peft: a folder with one PEFT adapter folder per component)")
     convert.add_argument("--out", required=True, help="output .safetensors (a new folder for --to peft)")
     convert.add_argument("--strict", action="store_true", help="fail if any key of IN cannot be carried over")
@@ -262,12 +264,12 @@ def build_parser() -> argparse.ArgumentParser:
     blend_parser = commands.add_parser("blend", help="blend adapters with weights into one")
     blend_parser.add_argument("adapters", nargs="+", metavar="FILE[:WEIGHT]",
                               help="adapters and weights (negative allowed)")
-    blend_parser.add_argument("--method", default="concat", choices=("concat", "svd", "ties", "dare"),
+    blend_parser.add_argument("--method", default="concat", choices=BLEND_METHODS,
                               help="concat: exact, rank = sum of ranks; svd: best rank-R approximation; "
                               "ties/dare: PEFT's merges")
     blend_parser.add_argument("--rank", type=int, default=None, help="rank of the result (svd, ties, dare)")
     blend_parser.add_argument("--density", type=float, default=0.5, help="share of entries ties/dare keep")
-    blend_parser.add_argument("--format", default="difflora", choices=("difflora", "diffusers", "kohya"))
+    blend_parser.add_argument("--format", default="difflora", choices=WRITE_LAYOUTS)
     blend_parser.add_argument("--out", required=True)
     blend_parser.set_defaults(run=_cmd_blend, command_parser=blend_parser)
 
@@ -275,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     scale.add_argument("input", metavar="IN")
     scale.add_argument("--weight", type=float, default=1.0)
     scale.add_argument("--block-weights", default=None, metavar="down=…,mid=…,up=…")
-    scale.add_argument("--format", default="difflora", choices=("difflora", "diffusers", "kohya"))
+    scale.add_argument("--format", default="difflora", choices=WRITE_LAYOUTS)
     scale.add_argument("--out", required=True)
     scale.set_defaults(run=_cmd_scale, command_parser=scale)
 
@@ -285,7 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     size.add_argument("--rank", type=int, help="new rank")
     size.add_argument("--energy", type=float,
                       help="keep the least rank holding this share of the squared singular values")
-    resize.add_argument("--format", default="difflora", choices=("difflora", "diffusers", "kohya"))
+    resize.add_argument("--format", default="difflora", choices=WRITE_LAYOUTS)
     resize.add_argument("--out", required=True)
     resize.set_defaults(run=_cmd_resize, command_parser=resize)
 
