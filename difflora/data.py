@@ -36,7 +36,7 @@ from .errors import DatasetError, InvalidArgumentError
 __all__ = [
     "IMAGE_SUFFIXES", "BucketBatchSampler", "CaptionedImages", "DataConfig", "DatasetIndex",
     "ImageItem", "LatentDiskCache", "LatentMemoryCache", "assign_bucket", "cache_key", "can_cache_latents",
-    "collate_batch", "load_rgb", "make_buckets", "prepare_image", "process_caption", "scan_dataset",
+    "collate_batch", "image_batches", "load_rgb", "make_buckets", "prepare_image", "process_caption", "scan_dataset",
 ]
 
 logger = logging.getLogger(__name__)
@@ -51,52 +51,77 @@ _LATENT_CACHE_VERSION = "difflora-latents-1"  # bump when the pixels a key stand
 
 @dataclass
 class DataConfig:
-    """How a data folder becomes training samples. Each field is the CLI option ``--<name-with-dashes>``."""
+    """How a data folder becomes training samples.
 
-    data_dir: Path = field(metadata={"help": "folder of images and captions"})
-    resolution: int = field(default=64, metadata={"help": "training side in pixels (bucket area = resolution²)"})
-    center_crop: bool = field(default=True, metadata={"help": "crop the center; False crops at a random place"})
+    Each field is the option ``--<name-with-dashes>`` of ``difflora train`` and a key of its YAML files, except
+    ``data_dir`` (``--data``, named by its ``option`` metadata) and ``seed`` (the run's ``--seed``). Errors name the
+    field (``InvalidArgumentError(…, parameter="resolution")``).
+    """
+
+    data_dir: Path = field(metadata={
+        "help": "image folder (kohya .txt captions, N_name repeat folders) or HF imagefolder with metadata.jsonl",
+        "option": "data",
+    })
+    resolution: int = field(default=64, metadata={
+        "help": "training resolution: each bucket holds about resolution² pixels (a multiple of 8)"})
+    center_crop: bool = field(default=True, metadata={"help": "crop the center (off: crop at a random place)"})
     random_flip: bool = field(default=False, metadata={"help": "mirror half of the samples horizontally"})
     caption: str | None = field(default=None, metadata={"help": "caption for images that have none"})
-    trigger_word: str | None = field(default=None, metadata={"help": "put in front of every caption"})
-    caption_dropout: float = field(default=0.0, metadata={"help": "probability that a caption becomes empty"})
-    shuffle_captions: bool = field(default=False, metadata={"help": "shuffle the comma-separated tags"})
-    keep_tokens: int = field(default=0, metadata={"help": "first N tags stay in place when shuffling"})
-    buckets: bool = field(default=True, metadata={"help": "group images into aspect-ratio buckets"})
+    trigger_word: str | None = field(default=None, metadata={"help": "word put in front of every caption"})
+    caption_dropout: float = field(default=0.0, metadata={
+        "help": "probability that a caption is dropped (trains unconditional guidance too)"})
+    shuffle_captions: bool = field(default=False, metadata={"help": "shuffle the comma-separated tags of each caption"})
+    keep_tokens: int = field(default=0, metadata={"help": "leading tags kept in place when shuffling"})
+    buckets: bool = field(default=True, metadata={"help": "aspect-ratio buckets (each batch from one bucket)"})
     bucket_step: int = field(default=8, metadata={"help": "bucket sides are multiples of this (a multiple of 8)"})
-    min_bucket_side: int | None = field(default=None, metadata={"help": "shortest bucket side; default resolution/2"})
-    max_bucket_side: int | None = field(default=None, metadata={"help": "longest bucket side; default resolution*2"})
+    min_bucket_side: int | None = field(default=None, metadata={
+        "help": "shortest bucket side (unset: resolution/2, rounded down to a multiple of bucket_step)"})
+    max_bucket_side: int | None = field(default=None, metadata={"help": "longest bucket side (unset: resolution×2)"})
     seed: int = field(default=0, metadata={"help": "seed of crops, flips, caption shuffles and dropout"})
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir)
-        step = self.bucket_step
-        if not isinstance(step, int) or step <= 0 or step % 8:
-            raise InvalidArgumentError(f"--bucket-step must be a positive multiple of 8, got {step!r}")
-        if self.min_bucket_side is None:
-            self.min_bucket_side = max(step, self.resolution // 2 // step * step)
-        if self.max_bucket_side is None:
-            self.max_bucket_side = self.resolution * 2
         self.validate()
 
+    @property
+    def bucket_sides(self) -> tuple[int, int]:
+        """The shortest and longest bucket side: ``min_bucket_side`` and ``max_bucket_side``, or when unset,
+        ``resolution/2`` (rounded down to a multiple of ``bucket_step``, at least one step) and ``resolution×2``."""
+        step = self.bucket_step
+        shortest, longest = self.min_bucket_side, self.max_bucket_side
+        if shortest is None:
+            shortest = max(step, self.resolution // 2 // step * step)
+        if longest is None:
+            longest = self.resolution * 2
+        return shortest, longest
+
     def validate(self) -> None:
-        """Raise :class:`InvalidArgumentError` naming the first option whose value cannot be used."""
+        """Raise :class:`InvalidArgumentError` naming the first field whose value cannot be used."""
+        step = self.bucket_step
+        if not isinstance(step, int) or step <= 0 or step % 8:
+            raise InvalidArgumentError(f"bucket_step must be a positive multiple of 8, got {step!r}", "bucket_step")
         if not isinstance(self.resolution, int) or self.resolution <= 0 or self.resolution % 8:
-            raise InvalidArgumentError(f"--resolution must be a positive multiple of 8, got {self.resolution!r}")
+            raise InvalidArgumentError(
+                f"resolution must be a positive multiple of 8, got {self.resolution!r}", "resolution")
         if not 0.0 <= self.caption_dropout <= 1.0:
-            raise InvalidArgumentError(f"--caption-dropout must be in [0, 1], got {self.caption_dropout!r}")
+            raise InvalidArgumentError(
+                f"caption_dropout must be in [0, 1], got {self.caption_dropout!r}", "caption_dropout")
         if self.keep_tokens < 0:
-            raise InvalidArgumentError(f"--keep-tokens must be >= 0, got {self.keep_tokens!r}")
+            raise InvalidArgumentError(f"keep_tokens must be >= 0, got {self.keep_tokens!r}", "keep_tokens")
         if not self.buckets:
             return
-        if self.resolution % self.bucket_step:
-            raise InvalidArgumentError(f"--bucket-step {self.bucket_step} must divide --resolution {self.resolution}")
-        for option, side in (("--min-bucket-side", self.min_bucket_side), ("--max-bucket-side", self.max_bucket_side)):
-            if side <= 0 or side % self.bucket_step:
-                raise InvalidArgumentError(f"{option} must be a positive multiple of --bucket-step, got {side!r}")
-        if not self.min_bucket_side <= self.resolution <= self.max_bucket_side:
-            raise InvalidArgumentError(f"--min-bucket-side {self.min_bucket_side} and --max-bucket-side "
-                                       f"{self.max_bucket_side} must enclose --resolution {self.resolution}")
+        if self.resolution % step:
+            raise InvalidArgumentError(f"bucket_step {step} must divide resolution {self.resolution}", "bucket_step")
+        shortest, longest = self.bucket_sides
+        for name, side in (("min_bucket_side", shortest), ("max_bucket_side", longest)):
+            if side <= 0 or side % step:
+                raise InvalidArgumentError(f"{name} must be a positive multiple of bucket_step, got {side!r}", name)
+        if shortest > self.resolution:
+            raise InvalidArgumentError(f"min_bucket_side {shortest} must be at most resolution {self.resolution}",
+                                       "min_bucket_side")
+        if longest < self.resolution:
+            raise InvalidArgumentError(f"max_bucket_side {longest} must be at least resolution {self.resolution}",
+                                       "max_bucket_side")
 
 
 # ----- scanning -----------------------------------------------------------------------------------------------------
@@ -285,7 +310,8 @@ def make_buckets(config: DataConfig) -> list[tuple[int, int]]:
     if not config.buckets:
         return [(config.resolution, config.resolution)]
     area, step = config.resolution**2, config.bucket_step
-    sides = range(config.min_bucket_side, config.max_bucket_side + 1, step)
+    shortest, longest = config.bucket_sides
+    sides = range(shortest, longest + 1, step)
 
     def longest(other: int) -> int | None:
         fitting = [side for side in sides if side * other <= area]
@@ -320,7 +346,7 @@ def prepare_image(
     """
     width, height = bucket
     if (not center_crop or flip) and rng is None:
-        raise InvalidArgumentError("prepare_image: a random crop or flip needs an rng")
+        raise InvalidArgumentError("rng is required for a random crop or flip", "rng")
     scale = max(width / image.width, height / image.height)
     size = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
     if size != image.size:
@@ -420,6 +446,16 @@ def collate_batch(samples: list[dict]) -> dict:
     }
 
 
+def image_batches(
+    dataset: CaptionedImages, batches: Sequence[list[int]], workers: int = 0
+) -> torch.utils.data.DataLoader:
+    """The collated samples (:func:`collate_batch`) of ``batches``, in their order, loaded by ``workers`` DataLoader
+    processes (0: this one). A sample depends only on ``(seed, epoch, index)``, so any number of workers gives the
+    same batches; each worker copies ``dataset`` when iteration starts, so call :meth:`CaptionedImages.set_epoch`
+    before iterating."""
+    return torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=collate_batch, num_workers=workers)
+
+
 class BucketBatchSampler(torch.utils.data.Sampler[list[int]]):
     """Batches of dataset indices, each from a single bucket.
 
@@ -434,8 +470,9 @@ class BucketBatchSampler(torch.utils.data.Sampler[list[int]]):
         drop_last: bool = False, seed: int = 0, num_replicas: int = 1, rank: int = 0,
     ) -> None:
         if batch_size < 1:
-            raise InvalidArgumentError(f"--batch-size must be >= 1, got {batch_size}")
+            raise InvalidArgumentError(f"batch_size must be >= 1, got {batch_size}", "batch_size")
         if num_replicas < 1 or not 0 <= rank < num_replicas:
+            # No parameter= here: this rank is a process's, and the command line's --rank is the LoRA rank.
             raise InvalidArgumentError(f"rank {rank} is not in 0..{num_replicas - 1} (num_replicas={num_replicas})")
         self.groups: dict[tuple[int, int], list[int]] = defaultdict(list)
         for index, bucket in enumerate(bucket_per_index):
@@ -447,8 +484,8 @@ class BucketBatchSampler(torch.utils.data.Sampler[list[int]]):
         if self.total_batches < num_replicas:
             largest = max((len(group) for group in self.groups.values()), default=0)
             raise InvalidArgumentError(
-                f"--batch-size {batch_size} leaves {self.total_batches} batches for {num_replicas} process(es) "
-                f"(largest bucket: {largest} images{', drop_last on' if drop_last else ''})"
+                f"batch_size {batch_size} leaves {self.total_batches} batches for {num_replicas} process(es) "
+                f"(largest bucket: {largest} images{', drop_last on' if drop_last else ''})", "batch_size"
             )
 
     def set_epoch(self, epoch: int) -> None:
@@ -504,7 +541,7 @@ def cache_key(path: Path, bucket: tuple[int, int], config: DataConfig, model_id:
 def _check_key(key: str) -> None:
     # Keys become file names: only hex digests, so a key can never point outside the cache folder.
     if not _CACHE_KEY.match(key):
-        raise InvalidArgumentError(f"latent cache key {key!r} is not a hex digest (use cache_key)")
+        raise InvalidArgumentError(f"key {key!r} is not a hex digest (use cache_key)", "key")
 
 
 class LatentMemoryCache:

@@ -165,18 +165,24 @@ def test_scanning_a_bad_folder_imports_no_model_code(tmp_path):
 
 
 def test_options_are_validated_by_name(tmp_path):
-    for kwargs, option in [
-        ({"resolution": 60}, "--resolution"),
-        ({"caption_dropout": 1.5}, "--caption-dropout"),
-        ({"keep_tokens": -1}, "--keep-tokens"),
-        ({"bucket_step": 12}, "--bucket-step"),
-        ({"min_bucket_side": 20}, "--min-bucket-side"),
-        ({"max_bucket_side": 48}, "--max-bucket-side"),
+    for kwargs, parameter in [
+        ({"resolution": 60}, "resolution"),
+        ({"caption_dropout": 1.5}, "caption_dropout"),
+        ({"keep_tokens": -1}, "keep_tokens"),
+        ({"bucket_step": 12}, "bucket_step"),
+        ({"bucket_step": 48}, "bucket_step"),  # does not divide the resolution
+        ({"min_bucket_side": 20}, "min_bucket_side"),
+        ({"max_bucket_side": 48}, "max_bucket_side"),
+        ({"min_bucket_side": 72}, "min_bucket_side"),  # above the resolution
     ]:
-        with pytest.raises(InvalidArgumentError, match=option):
+        with pytest.raises(InvalidArgumentError, match=f"^{parameter} ") as caught:
             DataConfig(tmp_path, **kwargs)
+        assert caught.value.parameter == parameter, kwargs
+    # Unset sides stay unset (a saved config keeps following the resolution) and resolve from the resolution.
     config = DataConfig(tmp_path, resolution=512)
-    assert (config.min_bucket_side, config.max_bucket_side) == (256, 1024)
+    assert (config.min_bucket_side, config.max_bucket_side) == (None, None)
+    assert config.bucket_sides == (256, 1024)
+    assert DataConfig(tmp_path, resolution=64, min_bucket_side=48, max_bucket_side=96).bucket_sides == (48, 96)
 
 
 # ----- images -------------------------------------------------------------------------------------------------------
@@ -321,7 +327,7 @@ def test_distributed_ranks_get_disjoint_equal_shares(tmp_path):
             seen = [index for share in shares for batch in share for index in batch]
             assert len(seen) == len(set(seen))
     assert len(BucketBatchSampler(buckets, batch_size=2, num_replicas=3, rank=0)) == (4 + 3 + 4) // 3
-    with pytest.raises(InvalidArgumentError, match="--batch-size"):
+    with pytest.raises(InvalidArgumentError, match="^batch_size 100 leaves 0 batches"):
         BucketBatchSampler(buckets, batch_size=100, drop_last=True)
     with pytest.raises(InvalidArgumentError, match="rank"):
         BucketBatchSampler(buckets, batch_size=2, num_replicas=2, rank=2)

@@ -28,8 +28,9 @@ def test_v_prediction_target(scheduler):
     expected = alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * latents  # v = √ᾱ ε − √(1−ᾱ) x₀
     torch.testing.assert_close(diffusion_target(scheduler, latents, noise, timesteps, "v_prediction"), expected)
     assert diffusion_target(scheduler, latents, noise, timesteps, "epsilon") is noise
-    with pytest.raises(InvalidArgumentError, match="sample"):
+    with pytest.raises(InvalidArgumentError, match="^prediction_type 'sample'") as caught:
         diffusion_target(scheduler, latents, noise, timesteps, "sample")
+    assert caught.value.parameter == "prediction_type"
 
 
 def test_min_snr_weighting(scheduler):
@@ -48,16 +49,25 @@ def test_min_snr_weighting(scheduler):
 def test_noise_draws_are_reproducible_and_offset():
     first = draw_noise((4, 4, 8, 8), 1000, torch.Generator().manual_seed(1), noise_offset=0.1)
     again = draw_noise((4, 4, 8, 8), 1000, torch.Generator().manual_seed(1), noise_offset=0.1)
-    plain = draw_noise((4, 4, 8, 8), 1000, torch.Generator().manual_seed(1))
     assert torch.equal(first.noise, again.noise) and torch.equal(first.timesteps, again.timesteps)
-    assert not torch.equal(first.noise, plain.noise)
     assert first.timesteps.min() >= 0 and first.timesteps.max() < 1000
+
+    # The offset is one constant per sample and channel (the image's overall brightness), of std noise_offset: the
+    # offset draw follows the plain noise from the same generator, so their difference is the offset alone.
+    shape, offset = (512, 4, 8, 8), 0.1
+    offset_noise = draw_noise(shape, 1000, torch.Generator().manual_seed(2), noise_offset=offset).noise
+    plain_noise = draw_noise(shape, 1000, torch.Generator().manual_seed(2)).noise
+    shift = offset_noise - plain_noise
+    per_channel = shift[:, :, :1, :1]
+    torch.testing.assert_close(shift, per_channel.expand(shape), rtol=0, atol=1e-6)  # constant over H×W
+    assert per_channel.std().item() == pytest.approx(offset, rel=0.05)  # 2,048 offsets: std within 5%
 
 
 def test_stratified_timesteps_cover_the_range_evenly_and_stay_uniform_each():
     generator = torch.Generator().manual_seed(0)
     batch, steps = 8, 1000
-    draws = [draw_noise((batch, 4, 2, 2), steps, generator, timestep_sampling="stratified").timesteps for _ in range(4000)]
+    draws = [draw_noise((batch, 4, 2, 2), steps, generator, timestep_sampling="stratified").timesteps
+             for _ in range(4000)]
     for timesteps in draws[:50]:
         # One timestep in each eighth of the range: sorted, neighbours are 1/8 of the range apart (±1 from flooring).
         gaps = torch.diff(torch.sort(timesteps).values).float()
@@ -65,8 +75,9 @@ def test_stratified_timesteps_cover_the_range_evenly_and_stay_uniform_each():
     # Each timestep alone is uniform: every tenth of the range gets a tenth of the draws (32,000 draws; ±5%).
     counts = torch.bincount(torch.cat(draws) // 100, minlength=10).float()
     assert ((counts / counts.mean() - 1).abs() < 0.05).all(), counts
-    with pytest.raises(InvalidArgumentError, match="timestep-sampling"):
+    with pytest.raises(InvalidArgumentError, match="^timestep_sampling 'lognormal'") as caught:
         draw_noise((2, 4, 2, 2), steps, generator, timestep_sampling="lognormal")
+    assert caught.value.parameter == "timestep_sampling"
 
 
 def test_adamw_is_fused_where_the_device_has_it_and_not_under_fp16_scaling():
@@ -88,8 +99,9 @@ def test_loraplus_and_lora_fa_groups():
     assert groups[0]["params"][0] is factors[0].down and groups[1]["params"][0] is factors[0].up
     groups = lora_parameter_groups([(params, 1e-4)], lora_fa=True)
     assert len(groups) == 1 and all(p.requires_grad is False for p in params[0::2])
-    with pytest.raises(InvalidArgumentError, match="adamw"):
+    with pytest.raises(InvalidArgumentError, match="^optimizer 'sgd' is not adamw") as caught:
         build_optimizer(groups, "sgd", 0.0)
+    assert caught.value.parameter == "optimizer"
 
 
 def test_mixed_precision_accumulation_checkpointing_logs_and_validation(tmp_path, tiny_model_dir):
@@ -107,6 +119,11 @@ def test_mixed_precision_accumulation_checkpointing_logs_and_validation(tmp_path
     adapter = read_adapter(result.adapter_path)
     assert adapter.modules_per_component() == {"text_encoder": 8, "unet": 56}
     assert all(module.down.dtype == torch.float32 for module in adapter.modules.values())  # LoRA stays fp32
+    # The optimizer stepped under bf16: `up` starts at zero, so every module's `up` that is non-zero was learned, in
+    # both components, and nothing became NaN or inf.
+    for key, module in adapter.modules.items():
+        assert torch.isfinite(module.down).all() and torch.isfinite(module.up).all(), key
+        assert module.up.abs().max().item() > 0, key
     assert list((tmp_path / "run" / "logs").rglob("events.out.tfevents*"))
     assert (tmp_path / "run" / "validation" / "step-000002.png").is_file()
 
@@ -118,7 +135,8 @@ def test_cached_and_uncached_training_are_the_same(tmp_path, tiny_model_dir):
     for cache in (True, False):
         config = make_config(dict(
             data=str(SAMPLES / "pixel-sunsets"), model=str(tiny_model_dir), output=str(tmp_path / f"run-{cache}"),
-            steps=8, batch_size=4, lr=1e-2, report_to="none", cache_latents=cache, cache_text_encoder_outputs=cache, seed=2,
+            steps=8, batch_size=4, lr=1e-2, report_to="none", cache_latents=cache, cache_text_encoder_outputs=cache,
+            seed=2,
         ))
         results.append(train(config))
     cached, uncached = results
@@ -130,3 +148,20 @@ def test_cached_and_uncached_training_are_the_same(tmp_path, tiny_model_dir):
     ups_b = torch.cat([b.modules[key].up.flatten() for key, _ in sorted(a.modules.items())])
     assert (ups_b - ups_a).norm() / ups_a.norm() < 1e-4
 
+
+
+def test_dataloader_workers_load_the_same_batches_in_the_same_order(tmp_path, tiny_model_dir):
+    from difflora.formats import read_adapter
+
+    results = []
+    for workers in (0, 2):
+        # Random flips: no latent cache, images loaded every step, and different each epoch (8 steps cross one).
+        config = make_config(dict(
+            data=str(SAMPLES / "pixel-sunsets"), model=str(tiny_model_dir), output=str(tmp_path / f"run-{workers}"),
+            steps=8, batch_size=4, lr=1e-2, report_to="none", random_flip=True, dataloader_workers=workers, seed=2,
+        ))
+        results.append(train(config))
+    in_process, in_workers = results
+    assert in_process.losses == in_workers.losses
+    a, b = read_adapter(in_process.adapter_path), read_adapter(in_workers.adapter_path)
+    assert all(torch.equal(b.modules[key].up, module.up) for key, module in a.modules.items())

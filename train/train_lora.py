@@ -3,7 +3,8 @@
     accelerate launch train/train_lora.py --config samples/style.yaml
     torchrun --nproc_per_node 2 train/train_lora.py --config samples/style.yaml
 
-The recipe reads top to bottom in ``difflora/train/recipe.py``; this file only makes it launchable as a script.
+The recipe reads top to bottom in ``difflora/train/recipe.py`` (its phases are in ``phases.py`` and
+``sources.py``, its options in ``config.py``); this file only makes it launchable as a script.
 """
 
 import sys

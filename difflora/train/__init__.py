@@ -1,5 +1,6 @@
-"""Training a LoRA style adapter: the recipe (``recipe.py``), the steps it calls (``steps.py``), its options
-(``config.py``) and resumable checkpoints (``checkpoints.py``).
+"""Training a LoRA style adapter: the recipe (``recipe.py``), the phases it calls (``phases.py``), where their
+batches and latents come from (``sources.py``), the maths of a step (``steps.py``), its options (``config.py``) and
+resumable checkpoints (``checkpoints.py``).
 
     difflora train --config samples/style.yaml
     python -m difflora.train --data samples/pixel-sunsets --steps 200 --output outputs/pixsun

@@ -16,28 +16,28 @@ from pathlib import Path
 
 from ..errors import InvalidArgumentError
 from ..formats import read_adapter
-from .config import config_to_dict
+from .config import config_options, config_to_dict
 
 __all__ = ["CheckpointManager", "changed_options"]
 
 logger = logging.getLogger("difflora.train")
 
-# Options that do not change what the run computes: where it goes, how long it runs, what it shows.
-_OUTSIDE_THE_TRAJECTORY = frozenset({
-    "output", "resume", "steps", "epochs", "checkpointing_steps", "checkpoints_total_limit", "validation_prompts",
-    "validation_steps", "validation_seed", "validation_inference_steps", "report_to", "log_every",
-    "dataloader_workers", "cache_dir",
-})
+# Options a run could not set before they were recorded: a checkpoint without them ran with their defaults.
+_RECORDED_SINCE_SETTABLE = ("bucket_step", "min_bucket_side", "max_bucket_side")
 
 
 def changed_options(saved: dict, current: dict) -> list[str]:
-    """``"name: saved → current"`` for each option that shapes the training and differs between a checkpoint's
-    config and this run's (an option the checkpoint does not know counts as changed)."""
+    """``"name: saved → current"`` for each option that shapes the result (see :mod:`.config`) and differs between a
+    checkpoint's config and this run's. An option the checkpoint does not know counts as changed, unless older runs
+    could not set it and so ran with its default."""
+    options = config_options()
+    saved = {**{name: options[name].default for name in _RECORDED_SINCE_SETTABLE}, **saved}
     return [
         f"{name}: {saved.get(name, 'unset')!s} → {value!s}"
         for name, value in current.items()
-        if name not in _OUTSIDE_THE_TRAJECTORY and (name not in saved or saved[name] != value)
+        if (name not in options or options[name].shapes_result) and (name not in saved or saved[name] != value)
     ]
+
 
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 _ADAPTER_FILE = "adapter.safetensors"
@@ -67,7 +67,8 @@ class CheckpointManager:
     def checkpoints(self) -> list[Path]:
         if not self.folder.is_dir():
             return []
-        found = [(int(m.group(1)), p) for p in self.folder.iterdir() if (m := _NAME.match(p.name)) and (p / _STEP_FILE).is_file()]
+        found = [(int(m.group(1)), p) for p in self.folder.iterdir()
+                 if (m := _NAME.match(p.name)) and (p / _STEP_FILE).is_file()]
         return [path for _, path in sorted(found)]
 
     def latest(self) -> Path | None:
@@ -103,9 +104,10 @@ class CheckpointManager:
         wanted = self.config.resume
         path = self.latest() if wanted == "latest" else Path(wanted)
         if path is None:
-            raise InvalidArgumentError(f"--resume latest: no checkpoint in {self.folder}")
+            raise InvalidArgumentError(f"resume latest: no checkpoint in {self.folder}", "resume")
         if not (path / _STEP_FILE).is_file():
-            raise InvalidArgumentError(f"--resume {wanted}: {path} is not a difflora checkpoint (no {_STEP_FILE})")
+            raise InvalidArgumentError(f"resume {wanted}: {path} is not a difflora checkpoint (no {_STEP_FILE})",
+                                       "resume")
         saved = json.loads((path / _STEP_FILE).read_text())
         changed = changed_options(saved["config"], config_to_dict(self.config)) if "config" in saved else []
         if changed and self.accelerator.is_main_process:

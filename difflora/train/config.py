@@ -1,14 +1,21 @@
-"""Training options: one dataclass is the single source of every option's name, type, default and help.
+"""Training options: two dataclasses are the single source of every option's name, type, default and help.
 
-The command line (``difflora train``, ``python -m difflora.train``, ``accelerate launch train/train_lora.py``), YAML
-config files and the metadata written into the adapter are all generated from :class:`TrainConfig`.
-Precedence: defaults < ``--config FILE.yaml`` < flags on the command line.
+:class:`TrainConfig` holds the run's options and a :class:`~difflora.data.DataConfig` (``dataset``) for the data's.
+On the command line (``difflora train``, ``python -m difflora.train``, ``accelerate launch train/train_lora.py``), in
+YAML config files and in the metadata written into the adapter, the options are one flat list: ``--resolution``,
+``caption_dropout:``, ``--data`` (the data's ``data_dir``). Precedence: defaults < ``--config FILE.yaml`` < flags.
+
+A field's metadata holds its ``help``, its ``choices`` and whether it shapes the result: ``shapes_result=False``
+marks options that change where a run writes, how long it runs or what it shows, but not what it computes (a
+resumed run may change those without a warning).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
+import os
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -16,41 +23,39 @@ from pathlib import Path
 
 import yaml
 
+from ..data import DataConfig
 from ..errors import InvalidArgumentError
 
-__all__ = ["TrainConfig", "build_arg_parser", "config_from_args", "load_config_file", "make_config", "config_to_dict"]
+__all__ = [
+    "Option", "TrainConfig", "build_arg_parser", "config_from_args", "config_options", "config_to_dict",
+    "load_config_file", "make_config",
+]
 
 
-def _option(default, help: str, choices: tuple | None = None):
-    metadata = {"help": help, "choices": choices}
+def _option(default, help: str, choices: tuple | None = None, *, shapes_result: bool = True):
+    metadata = {"help": help, "choices": choices, "shapes_result": shapes_result}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=metadata)
     return field(default=default, metadata=metadata)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class TrainConfig:
-    """Everything a training run needs. Field names are the option names (``--batch-size`` ↔ ``batch_size``)."""
+    """Everything a training run needs. Field names are the option names (``--batch-size`` ↔ ``batch_size``);
+    ``dataset`` holds the data options, whose seed is the run's ``seed``."""
 
     # What to train on and where to write
-    model: str = _option("embedded", "base model: 'embedded', a diffusers folder, a .safetensors checkpoint or a hub id")
+    model: str = _option("embedded",
+                         "base model: 'embedded', a diffusers folder, a .safetensors checkpoint or a hub id")
     model_config: str | None = _option(None, "architecture for a single-file checkpoint (diffusers folder or hub id)")
-    data: str | None = _option(None, "image folder (kohya .txt captions, N_name repeat folders) or HF imagefolder with metadata.jsonl")
-    output: str = _option("outputs/lora", "output folder: the adapter, config.yaml, checkpoints/, logs/, validation/")
+    dataset: DataConfig = field(metadata={"help": "the data options (flat: --data, --resolution, …)"})
+    output: str = _option("outputs/lora", "output folder: the adapter, config.yaml, checkpoints/, logs/, validation/",
+                          shapes_result=False)
     name: str = _option("lora", "adapter name; the adapter is written to OUTPUT/NAME.safetensors")
-    # Data
-    resolution: int = _option(64, "training resolution (side of the square area; multiple of 8)")
-    center_crop: bool = _option(True, "center crop (off: random crop)")
-    random_flip: bool = _option(False, "random horizontal flip")
-    caption: str | None = _option(None, "caption for images that have none")
-    trigger_word: str | None = _option(None, "word put in front of every caption")
-    caption_dropout: float = _option(0.0, "probability that a caption is dropped (trains unconditional guidance too)")
-    shuffle_captions: bool = _option(False, "shuffle comma-separated tags of each caption")
-    keep_tokens: int = _option(0, "leading tags kept in place when shuffling")
-    buckets: bool = _option(True, "aspect-ratio buckets (each batch from one bucket)")
     # Length and batch
-    steps: int | None = _option(200, "optimizer steps to train (wins over --epochs when both are given)")
-    epochs: int | None = _option(None, "epochs to train when --steps is not given")
+    steps: int | None = _option(200, "optimizer steps to train (wins over --epochs when both are given)",
+                                shapes_result=False)
+    epochs: int | None = _option(None, "epochs to train when --steps is not given", shapes_result=False)
     batch_size: int = _option(4, "images per batch per process")
     gradient_accumulation: int = _option(1, "batches per optimizer step")
     # The adapter
@@ -82,67 +87,115 @@ class TrainConfig:
         "less variance)",
         choices=("uniform", "stratified"),
     )
-    prediction_type: str | None = _option(None, "epsilon or v_prediction (default: the scheduler's)", choices=(None, "epsilon", "v_prediction"))
+    prediction_type: str | None = _option(None, "epsilon or v_prediction (default: the scheduler's)",
+                                          choices=(None, "epsilon", "v_prediction"))
     # Speed
     mixed_precision: str = _option("no", "mixed precision", choices=("no", "fp16", "bf16"))
     gradient_checkpointing: bool = _option(False, "recompute activations in the backward pass to save memory")
     cache_latents: bool = _option(True, "encode each image with the VAE once (not with random crop/flip)")
-    cache_dir: str | None = _option(None, "folder for a disk latent cache kept across runs (default: memory)")
+    cache_dir: str | None = _option(None, "folder for a disk latent cache kept across runs (default: memory)",
+                                    shapes_result=False)
     cache_text_encoder_outputs: bool = _option(True, "encode each caption once while the text encoder is frozen")
-    dataloader_workers: int = _option(0, "data-loader worker processes")
+    dataloader_workers: int = _option(0, "processes that load the images the latent cache does not serve (0: none)",
+                                      shapes_result=False)
     # Runs that survive
-    seed: int = _option(0, "seed for noise, timesteps, data order and initialisation")
-    checkpointing_steps: int = _option(0, "save a resumable checkpoint every N steps (0: only on Ctrl-C and at the end)")
-    checkpoints_total_limit: int | None = _option(3, "keep at most this many checkpoints")
-    resume: str | None = _option(None, "resume from 'latest' or a checkpoint folder")
+    seed: int = _option(0, "seed for noise, timesteps, data order, crops, flips, captions and initialisation")
+    checkpointing_steps: int = _option(
+        0, "save a resumable checkpoint every N steps (0: only on Ctrl-C and at the end)", shapes_result=False)
+    checkpoints_total_limit: int | None = _option(3, "keep at most this many checkpoints", shapes_result=False)
+    resume: str | None = _option(None, "resume from 'latest' or a checkpoint folder", shapes_result=False)
     # Seeing progress
-    validation_prompts: list[str] = _option([], "prompts rendered every --validation-steps into a grid PNG (repeatable)")
-    validation_steps: int = _option(0, "render validation images every N steps (0: only at the end)")
-    validation_seed: int = _option(0, "seed of the validation images")
-    validation_inference_steps: int = _option(20, "denoising steps of the validation images")
-    report_to: str = _option("tensorboard", "where to log", choices=("tensorboard", "none"))
-    log_every: int = _option(1, "log loss/lr/grad norm every N steps")
+    validation_prompts: list[str] = _option(
+        [], "prompts rendered every --validation-steps into a grid PNG (repeatable)", shapes_result=False)
+    validation_steps: int = _option(0, "render validation images every N steps (0: only at the end)",
+                                    shapes_result=False)
+    validation_seed: int = _option(0, "seed of the validation images", shapes_result=False)
+    validation_inference_steps: int = _option(20, "denoising steps of the validation images", shapes_result=False)
+    report_to: str = _option("tensorboard", "where to log", choices=("tensorboard", "none"), shapes_result=False)
+    log_every: int = _option(1, "log loss/lr/grad norm every N steps", shapes_result=False)
+
+    def __post_init__(self) -> None:
+        if self.dataset.seed != self.seed:  # one seed for the run and its data
+            self.dataset = dataclasses.replace(self.dataset, seed=self.seed)
 
     def validate(self) -> None:
-        """Raise :class:`InvalidArgumentError` naming the option when a value cannot be used."""
-        positive = ("resolution", "batch_size", "gradient_accumulation", "rank", "validation_inference_steps", "log_every")
+        """Raise :class:`InvalidArgumentError` naming the option (``parameter``) when a value cannot be used."""
+        positive = ("batch_size", "gradient_accumulation", "rank", "validation_inference_steps", "log_every")
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
-                raise InvalidArgumentError(f"{_flag(name)} must be a positive integer, got {value!r}")
-        if self.resolution % 8:
-            raise InvalidArgumentError(f"--resolution must be a multiple of 8, got {self.resolution}")
+                raise InvalidArgumentError(f"{name} must be a positive integer, got {value!r}", name)
         if self.steps is None and self.epochs is None:
-            raise InvalidArgumentError("give --steps or --epochs")
+            raise InvalidArgumentError("steps must be given when epochs is not", "steps")
         for name in ("steps", "epochs"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value <= 0):
-                raise InvalidArgumentError(f"{_flag(name)} must be a positive integer, got {value!r}")
-        for name in ("lr", "loraplus_ratio"):
-            if not getattr(self, name) > 0:
-                raise InvalidArgumentError(f"{_flag(name)} must be > 0, got {getattr(self, name)!r}")
-        if self.text_encoder_lr is not None and not self.text_encoder_lr > 0:
-            raise InvalidArgumentError(f"--text-encoder-lr must be > 0, got {self.text_encoder_lr!r}")
-        if self.alpha is not None and not self.alpha > 0:
-            raise InvalidArgumentError(f"--alpha must be > 0, got {self.alpha!r}")
-        if not 0.0 <= self.caption_dropout <= 1.0:
-            raise InvalidArgumentError(f"--caption-dropout must be in [0, 1], got {self.caption_dropout!r}")
-        for name in ("keep_tokens", "lr_warmup_steps", "checkpointing_steps", "validation_steps", "dataloader_workers"):
+                raise InvalidArgumentError(f"{name} must be a positive integer, got {value!r}", name)
+        for name in ("lr", "loraplus_ratio", "text_encoder_lr", "alpha", "snr_gamma"):
+            value = getattr(self, name)
+            if value is None and name in ("text_encoder_lr", "alpha", "snr_gamma"):
+                continue  # unset: the help says what applies
+            if not isinstance(value, (int, float)) or not value > 0:
+                raise InvalidArgumentError(f"{name} must be > 0, got {value!r}", name)
+        for name in ("lr_warmup_steps", "checkpointing_steps", "validation_steps", "dataloader_workers"):
             if getattr(self, name) < 0:
-                raise InvalidArgumentError(f"{_flag(name)} must be >= 0, got {getattr(self, name)!r}")
-        if self.snr_gamma is not None and not self.snr_gamma > 0:
-            raise InvalidArgumentError(f"--snr-gamma must be > 0, got {self.snr_gamma!r}")
+                raise InvalidArgumentError(f"{name} must be >= 0, got {getattr(self, name)!r}", name)
         if not (self.train_unet or self.train_text_encoder):
-            raise InvalidArgumentError("nothing to train: --no-train-unet needs --train-text-encoder")
+            raise InvalidArgumentError("train_text_encoder must be on when train_unet is off (nothing to train)",
+                                       "train_text_encoder")
         if not self.name or "/" in self.name or "." in self.name:
-            raise InvalidArgumentError(f"--name {self.name!r} must be a plain name (no dots or slashes)")
-        if self.data is None:
-            raise InvalidArgumentError("--data is required (a folder of images with captions)")
+            raise InvalidArgumentError(f"name {self.name!r} must be a plain name (no dots or slashes)", "name")
         for f in fields(self):
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
                 shown = ", ".join(str(c) for c in choices if c is not None)
-                raise InvalidArgumentError(f"{_flag(f.name)} {getattr(self, f.name)!r} is not one of {shown}")
+                raise InvalidArgumentError(f"{f.name} {getattr(self, f.name)!r} is not one of {shown}", f.name)
+        self.dataset.validate()
+
+
+# ----- the flat list of options -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Option:
+    """One option as the command line and files know it: its flat ``name`` and the dataclass field that holds it
+    (a :class:`TrainConfig` field, or a :class:`DataConfig` field when ``in_dataset``)."""
+
+    name: str
+    field: dataclasses.Field
+    hint: typing.Any
+    in_dataset: bool
+
+    @property
+    def default(self):
+        if self.field.default_factory is not dataclasses.MISSING:
+            return self.field.default_factory()
+        return None if self.field.default is dataclasses.MISSING else self.field.default
+
+    @property
+    def shapes_result(self) -> bool:
+        return self.field.metadata.get("shapes_result", True)
+
+
+@functools.cache
+def config_options() -> dict[str, Option]:
+    """Every option by its flat name, in ``--help`` order: the run's fields, with the data's in place of ``dataset``.
+
+    A data field is named by its ``option`` metadata, else its own name; one the run also has (``seed``) is the
+    run's option.
+    """
+    run_hints, data_hints = typing.get_type_hints(TrainConfig), typing.get_type_hints(DataConfig)
+    run_names = {f.name for f in fields(TrainConfig)}
+    found = {}
+    for f in fields(TrainConfig):
+        if f.name != "dataset":
+            found[f.name] = Option(f.name, f, run_hints[f.name], in_dataset=False)
+            continue
+        for data_field in fields(DataConfig):
+            if data_field.name not in run_names:
+                name = data_field.metadata.get("option", data_field.name)
+                found[name] = Option(name, data_field, data_hints[data_field.name], in_dataset=True)
+    return found
 
 
 def _flag(name: str) -> str:
@@ -175,46 +228,47 @@ def _parse_optional(kind: type):
 
 
 def build_arg_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    """Add one flag per :class:`TrainConfig` field (``--flag`` / ``--no-flag`` for booleans) and ``--config``."""
+    """Add one flag per option (``--flag`` / ``--no-flag`` for booleans) and ``--config``."""
     parser = parser or argparse.ArgumentParser(prog="difflora train", description="Train a LoRA style adapter.")
     parser.add_argument("--config", default=None, metavar="FILE.yaml", help="YAML file of options (flags override it)")
-    hints = typing.get_type_hints(TrainConfig)
-    for f in fields(TrainConfig):
-        kind, is_list = _scalar(hints[f.name])
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        help_text = f"{f.metadata['help']} (default: {default})"
-        flag = _flag(f.name)
+    for option in config_options().values():
+        kind, is_list = _scalar(option.hint)
+        required = option.field.default is dataclasses.MISSING and option.field.default_factory is dataclasses.MISSING
+        help_text = option.field.metadata["help"] + ("" if required else f" (default: {option.default})")
+        flag = _flag(option.name)
         # Defaults stay unset here (SUPPRESS) so that a config file can tell "given" from "default".
         if kind is bool:
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
+            parser.add_argument(flag, dest=option.name, action=argparse.BooleanOptionalAction,
+                                default=argparse.SUPPRESS, help=help_text)
         elif is_list:
-            parser.add_argument(flag.rstrip("s") if flag.endswith("prompts") else flag, dest=f.name, action="append",
-                                type=kind, default=argparse.SUPPRESS, help=help_text + "; repeatable")
+            parser.add_argument(flag.rstrip("s") if flag.endswith("prompts") else flag, dest=option.name,
+                                action="append", type=kind, default=argparse.SUPPRESS, help=help_text + "; repeatable")
         else:
-            choices = [c for c in (f.metadata.get("choices") or ()) if c is not None] or None
-            parse = _parse_optional(kind) if _is_optional(hints[f.name]) else kind
-            parser.add_argument(flag, dest=f.name, type=parse, default=argparse.SUPPRESS,
+            choices = [c for c in (option.field.metadata.get("choices") or ()) if c is not None] or None
+            kind = str if kind is Path else kind  # a path stays as typed; DataConfig makes it a Path
+            parse = _parse_optional(kind) if _is_optional(option.hint) else kind
+            parser.add_argument(flag, dest=option.name, type=parse, default=argparse.SUPPRESS,
                                 choices=choices, help=help_text)
     return parser
 
 
 def load_config_file(path: str | Path) -> dict:
-    """The options of a YAML file as a dict, keys checked against :class:`TrainConfig` (``-`` or ``_`` accepted)."""
+    """The options of a YAML file as a dict, keys checked against the options (``-`` or ``_`` accepted)."""
     path = Path(path)
     if not path.is_file():
-        raise InvalidArgumentError(f"--config {path}: no such file")
+        raise InvalidArgumentError(f"config {path}: no such file", "config")
     try:
         loaded = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as error:
-        raise InvalidArgumentError(f"--config {path}: not valid YAML ({str(error).splitlines()[0]})") from None
+        raise InvalidArgumentError(f"config {path}: not valid YAML ({str(error).splitlines()[0]})", "config") from None
     if not isinstance(loaded, dict):
-        raise InvalidArgumentError(f"--config {path}: expected a mapping of option: value")
-    known = {f.name for f in fields(TrainConfig)}
+        raise InvalidArgumentError(f"config {path}: expected a mapping of option: value", "config")
+    known = config_options()
     options = {}
     for key, value in loaded.items():
         name = str(key).replace("-", "_")
         if name not in known:
-            raise InvalidArgumentError(f"--config {path}: unknown option {key!r}")
+            raise InvalidArgumentError(f"config {path}: unknown option {key!r}", "config")
         options[name] = value
     if "validation_prompts" in options and isinstance(options["validation_prompts"], str):
         options["validation_prompts"] = [options["validation_prompts"]]
@@ -236,23 +290,35 @@ def config_from_args(argv: list[str] | None = None, parser: argparse.ArgumentPar
 
 
 def make_config(options: dict) -> TrainConfig:
-    """A validated :class:`TrainConfig` from a dict of options (YAML file, flags, or the web UI's form)."""
+    """A validated :class:`TrainConfig` from a dict of flat options (YAML file, flags, or the web UI's form)."""
     options = dict(options)
     if options.get("epochs") is not None and "steps" not in options:
         options["steps"] = None  # --epochs alone means train by epochs, not the default step count
-    hints = typing.get_type_hints(TrainConfig)
+    if options.get("data") is None:
+        raise InvalidArgumentError("data is required (a folder of images with captions)", "data")
+    known = config_options()
     for name, value in options.items():
-        kind, is_list = _scalar(hints[name])
-        if value is None or is_list:
+        if name not in known:
+            raise InvalidArgumentError(f"{name!r} is not a training option", name)
+        kind, is_list = _scalar(known[name].hint)
+        if is_list or (value is None and _is_optional(known[name].hint)):
             continue
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
             options[name] = float(value)
+        elif kind is Path and isinstance(value, (str, os.PathLike)):
+            continue
         elif not isinstance(value, kind):
-            raise InvalidArgumentError(f"{_flag(name)} must be {kind.__name__}, got {value!r}")
-    config = TrainConfig(**options)
+            raise InvalidArgumentError(f"{name} must be {kind.__name__}, got {value!r}", name)
+    data_options = {known[name].field.name: options.pop(name) for name in list(options) if known[name].in_dataset}
+    config = TrainConfig(dataset=DataConfig(**data_options), **options)
     config.validate()
     return config
 
 
 def config_to_dict(config: TrainConfig) -> dict:
-    return dataclasses.asdict(config)
+    """The flat options of ``config`` (what config.yaml, checkpoints and the adapter's metadata hold)."""
+    flat = {}
+    for name, option in config_options().items():
+        value = getattr(config.dataset if option.in_dataset else config, option.field.name)
+        flat[name] = str(value) if isinstance(value, Path) else list(value) if isinstance(value, list) else value
+    return flat

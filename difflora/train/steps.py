@@ -1,4 +1,4 @@
-"""The steps of LoRA training, each a function with its own tests; ``difflora/train.py`` strings them together.
+"""The maths of a training step: noise, target, loss, optimizer groups. ``recipe.py`` strings the steps together.
 
 The objective is Stable Diffusion's: noise latents ``x₀`` to ``x_t = √ᾱ_t x₀ + √(1-ᾱ_t) ε`` at a random timestep and
 regress the UNet's output on ``ε`` (epsilon prediction) or ``v = √ᾱ_t ε − √(1-ᾱ_t) x₀`` (v-prediction), optionally
@@ -11,7 +11,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from diffusers.training_utils import compute_snr
 
 from ..errors import InvalidArgumentError
 
@@ -26,6 +25,7 @@ __all__ = [
     "build_optimizer",
     "held_out_loss",
     "RandomState",
+    "steps_per_epoch",
 ]
 
 
@@ -74,19 +74,23 @@ def draw_noise(
     if timestep_sampling == "uniform":
         timesteps = torch.randint(0, num_train_timesteps, (batch,), generator=generator)
     elif timestep_sampling == "stratified":
-        fractions = (torch.rand((), generator=generator, dtype=torch.float64) + torch.arange(batch, dtype=torch.float64) / batch) % 1.0
+        offset = torch.rand((), generator=generator, dtype=torch.float64)
+        fractions = (offset + torch.arange(batch, dtype=torch.float64) / batch) % 1.0
         timesteps = (fractions * num_train_timesteps).long().clamp_(max=num_train_timesteps - 1)
     else:
-        raise InvalidArgumentError(f"--timestep-sampling {timestep_sampling!r} is not uniform or stratified")
+        raise InvalidArgumentError(
+            f"timestep_sampling {timestep_sampling!r} is not uniform or stratified", "timestep_sampling")
     return NoiseDraw(noise, timesteps)
 
 
-def diffusion_target(noise_scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, prediction_type: str) -> torch.Tensor:
+def diffusion_target(
+    noise_scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, prediction_type: str
+) -> torch.Tensor:
     if prediction_type == "epsilon":
         return noise
     if prediction_type == "v_prediction":
         return noise_scheduler.get_velocity(latents, noise, timesteps)
-    raise InvalidArgumentError(f"--prediction-type {prediction_type!r} is not epsilon or v_prediction")
+    raise InvalidArgumentError(f"prediction_type {prediction_type!r} is not epsilon or v_prediction", "prediction_type")
 
 
 def diffusion_loss(
@@ -99,9 +103,12 @@ def diffusion_loss(
 ) -> torch.Tensor:
     """Mean squared error in fp32; with ``snr_gamma``, each sample weighted by ``min(SNR, γ)/SNR`` (ε) or
     ``min(SNR, γ)/(SNR+1)`` (v), which is Min-SNR-γ expressed for each target."""
-    per_sample = F.mse_loss(model_output.float(), target.float(), reduction="none").mean(dim=list(range(1, target.ndim)))
+    squared_error = F.mse_loss(model_output.float(), target.float(), reduction="none")
+    per_sample = squared_error.mean(dim=list(range(1, target.ndim)))
     if snr_gamma is None:
         return per_sample.mean()
+    from diffusers.training_utils import compute_snr  # here: importing diffusers takes seconds
+
     snr = compute_snr(noise_scheduler, timesteps.to(model_output.device))
     clipped = torch.clamp(snr, max=snr_gamma)
     weights = clipped / snr if prediction_type == "epsilon" else clipped / (snr + 1)
@@ -122,7 +129,8 @@ class TextEmbeddingCache:
 
     def tokenize(self, captions: list[str]) -> torch.Tensor:
         return self.tokenizer(
-            captions, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True, return_tensors="pt"
+            captions, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True,
+            return_tensors="pt",
         ).input_ids
 
     def encode(self, captions: list[str], device: torch.device) -> torch.Tensor:
@@ -173,20 +181,23 @@ def lora_parameter_groups(
     return [group for group in groups if group["params"]]
 
 
-def build_optimizer(groups: list[dict], name: str, weight_decay: float, allow_fused: bool = True) -> torch.optim.Optimizer:
+def build_optimizer(
+    groups: list[dict], optimizer: str, weight_decay: float, allow_fused: bool = True
+) -> torch.optim.Optimizer:
     """AdamW, or bitsandbytes' 8-bit AdamW when asked for and installed.
 
     ``allow_fused=False`` for fp16 mixed precision: a GradScaler always steps a fused optimizer (it skips overflowed
     updates inside the kernel), so accelerate could not tell a skipped step and the schedule would advance anyway.
     """
-    if name == "adamw8bit":
+    if optimizer == "adamw8bit":
         try:
             import bitsandbytes
         except ImportError:
-            raise InvalidArgumentError("--optimizer adamw8bit needs bitsandbytes (pip install bitsandbytes)") from None
+            raise InvalidArgumentError(
+                "optimizer adamw8bit needs bitsandbytes (pip install bitsandbytes)", "optimizer") from None
         return bitsandbytes.optim.AdamW8bit(groups, weight_decay=weight_decay)
-    if name != "adamw":
-        raise InvalidArgumentError(f"--optimizer {name!r} is not adamw or adamw8bit")
+    if optimizer != "adamw":
+        raise InvalidArgumentError(f"optimizer {optimizer!r} is not adamw or adamw8bit", "optimizer")
     # fused: one kernel updates all the small LoRA tensors (CPU and GPU), instead of a Python loop over them; foreach
     # (one op per step of the update over all tensors) otherwise. torch checks fused support only at the first step,
     # so it is decided here.
@@ -233,7 +244,7 @@ def steps_per_epoch(batches_per_epoch: int, gradient_accumulation: int) -> int:
     """Optimizer steps in an epoch when every step takes ``gradient_accumulation`` whole batches."""
     if batches_per_epoch < gradient_accumulation:
         raise InvalidArgumentError(
-            f"--gradient-accumulation {gradient_accumulation} needs at least that many batches per epoch, "
-            f"the data gives {batches_per_epoch}"
+            f"gradient_accumulation {gradient_accumulation} needs at least that many batches per epoch, "
+            f"the data gives {batches_per_epoch}", "gradient_accumulation"
         )
     return batches_per_epoch // gradient_accumulation
