@@ -45,7 +45,7 @@ def build_unet(config: str) -> UNet2DConditionModel:
     torch.manual_seed(0)
     if config == "sd15":
         return UNet2DConditionModel(**SD15_UNET).eval()
-    from difflora.models import load_pipeline
+    from difflora.pipelines import load_pipeline
 
     return load_pipeline(None, quiet=True).unet.eval()
 

@@ -65,7 +65,7 @@ def held_out(pipe, held_dir: Path) -> float:
 
 
 def run_difflora(args, train_dir: Path, held_dir: Path, output: Path) -> dict:
-    from difflora.models import load_pipeline
+    from difflora.pipelines import load_pipeline
     from difflora.runtime import LoRARuntime
     from difflora.train import train
     from difflora.train.config import make_config
@@ -93,7 +93,7 @@ def run_reference(args, train_dir: Path, held_dir: Path) -> dict:
     from peft import LoraConfig
 
     from difflora.data import BucketBatchSampler, CaptionedImages, DataConfig, collate_batch, scan_dataset
-    from difflora.models import load_pipeline
+    from difflora.pipelines import load_pipeline
 
     torch.manual_seed(args.seed)
     pipe = load_pipeline(None, quiet=True)
@@ -151,9 +151,11 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--seeds", type=int, default=8, help="runs per recipe (seeds seed, seed+1, ...); medians are printed")
+    parser.add_argument("--seeds", type=int, default=8,
+                        help="runs per recipe (seeds seed, seed+1, ...); medians are printed")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="a difflora training option for this comparison (repeatable), e.g. timestep_sampling=uniform")
+                        help="a difflora training option for this comparison (repeatable), "
+                        "e.g. timestep_sampling=uniform")
     parser.add_argument("--dataset", default=str(SAMPLES / "pixel-sunsets"))
     parser.add_argument("--variant", choices=("difflora", "reference"), help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
@@ -181,8 +183,9 @@ def main() -> None:
         return {key: statistics.median(run[key] for run in runs[variant]) for key in runs[variant][0]}
 
     reference, ours = median_of("reference"), median_of("difflora")
-    print(f"embedded tiny model, {Path(args.dataset).name}: {args.steps} steps, batch {args.batch_size}, rank {args.rank}, "
-          f"lr {args.lr}, difflora options {args.set or 'default'}, medians over {args.seeds} seeds; {torch.get_num_threads()} threads, torch {torch.__version__}, {platform.machine()}")
+    print(f"embedded tiny model, {Path(args.dataset).name}: {args.steps} steps, batch {args.batch_size}, "
+          f"rank {args.rank}, lr {args.lr}, difflora options {args.set or 'default'}, medians over {args.seeds} seeds; "
+          f"{torch.get_num_threads()} threads, torch {torch.__version__}, {platform.machine()}")
     print(f"{'':22s} {'s/step':>8s} {'peak MB':>8s} {'held-out loss':>14s}")
     for name, result in (("diffusers+PEFT (ref)", reference), ("difflora", ours)):
         print(f"{name:22s} {result['step_seconds']:8.4f} {result['peak_rss_mb']:8.0f} {result['held_out_loss']:14.4f}")

@@ -34,7 +34,7 @@ def main() -> None:
 
     from difflora import LoRARuntime
     from difflora.generate import GenerationSettings, generate
-    from difflora.models import load_pipeline
+    from difflora.pipelines import load_pipeline
     from difflora.webui import SLOT_COUNT, MODEL_SCHEDULER, WebUISession, build_app
 
     lora_dir = Path(tempfile.mkdtemp(prefix="difflora-bench-webui-"))

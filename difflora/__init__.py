@@ -34,9 +34,9 @@ __all__ = [
 
 
 def __getattr__(name: str):
-    # models.py imports diffusers' pipelines, which is slow; load it only when asked for.
-    if name in ("load_pipeline",):
-        from . import models
+    # pipelines.py imports diffusers' pipelines, which is slow; load it only when asked for.
+    if name == "load_pipeline":
+        from .pipelines import load_pipeline
 
-        return getattr(models, name)
+        return load_pipeline
     raise AttributeError(f"module 'difflora' has no attribute {name!r}")

@@ -33,7 +33,7 @@ def parse_lora_spec(text: str, option: str = "--lora") -> LoRASpec:
 
 
 def _cmd_init_model(args: argparse.Namespace) -> int:
-    from .models import build_tiny_model
+    from .tiny_model import build_tiny_model
 
     output = Path(args.dir)
     if output.exists() and any(output.iterdir()):
@@ -45,7 +45,7 @@ def _cmd_init_model(args: argparse.Namespace) -> int:
 
 def _cmd_generate(args: argparse.Namespace) -> int:
     from .generate import AdapterUse, GenerationSettings, generate, save_png
-    from .models import load_pipeline, resolve_device, resolve_dtype
+    from .pipelines import load_pipeline, resolve_device, resolve_dtype
     from .runtime import LoRARuntime
     from .blocks import BlockWeights
 
@@ -181,7 +181,7 @@ def _cmd_resize(args: argparse.Namespace) -> int:
 def _cmd_merge(args: argparse.Namespace) -> int:
     from ._files import atomic_directory
     from .formats import read_adapter
-    from .models import load_pipeline, resolve_device, resolve_dtype
+    from .pipelines import load_pipeline, resolve_device, resolve_dtype
     from .runtime import LoRARuntime
 
     output = Path(args.out)

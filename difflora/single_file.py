@@ -398,7 +398,7 @@ def save_single_file(
 
     ``dtype`` (e.g. ``torch.float16`` to halve the file) casts the floating-point weights; by default they keep
     the pipeline's dtype. The file is written beside ``path`` and renamed into place, so a failure never leaves half
-    a checkpoint. Load it with ``difflora.models.load_pipeline(path, model_config=<diffusers folder>)``: the file
+    a checkpoint. Load it with ``difflora.pipelines.load_pipeline(path, model_config=<diffusers folder>)``: the file
     holds weights only, the folder gives the configs, tokenizer and scheduler.
 
     Raises:

@@ -20,7 +20,8 @@ os.environ["OMP_NUM_THREADS"] = "1"
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from difflora.models import build_tiny_model, load_pipeline  # noqa: E402
+from difflora.pipelines import load_pipeline  # noqa: E402
+from difflora.tiny_model import build_tiny_model  # noqa: E402
 
 torch.set_num_threads(1)  # in case torch was imported before the variable above was set
 

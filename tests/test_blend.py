@@ -11,7 +11,7 @@ from difflora.errors import InvalidArgumentError
 from difflora.adapter import AdapterState, LoRAModuleWeights
 from difflora.formats import write_adapter
 from difflora.generate import GenerationSettings, generate
-from difflora.models import load_pipeline
+from difflora.pipelines import load_pipeline
 from helpers import random_adapter
 
 SETTINGS = GenerationSettings(prompt="a watercolor of a harbour", steps=3, guidance=5.0, seed=2, width=64, height=64)

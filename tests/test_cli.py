@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from difflora import LoRARuntime
 from difflora.cli import main, parse_lora_spec
 from difflora.errors import InvalidArgumentError
-from difflora.models import load_pipeline
+from difflora.pipelines import load_pipeline
 
 
 @pytest.fixture(scope="module")
@@ -197,7 +197,8 @@ def test_blend_scale_resize_commands(adapter_file, tmp_path, capsys):
     assert read_adapter(tmp_path / "r.safetensors").source_format == "kohya"
     assert main(["blend", f"{adapter_file}:x", "--out", str(tmp_path / "bad.safetensors")]) == 2
     assert main(["blend", str(adapter_file), "--method", "svd", "--out", str(tmp_path / "bad.safetensors")]) == 2
-    assert "--rank is required by method 'svd'" in capsys.readouterr().err and not (tmp_path / "bad.safetensors").exists()
+    assert "--rank is required by method 'svd'" in capsys.readouterr().err
+    assert not (tmp_path / "bad.safetensors").exists()
 
 
 def test_merge_writes_a_diffusers_folder_with_the_adapters_baked_in(tiny_model_dir, adapter_file, tmp_path):

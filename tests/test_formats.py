@@ -16,7 +16,7 @@ from difflora.adapter import AdapterState, LoRAModuleWeights
 from difflora.formats import read_adapter, write_adapter
 from difflora.reports import describe_adapter
 from difflora.generate import GenerationSettings, generate
-from difflora.models import load_pipeline
+from difflora.pipelines import load_pipeline
 from helpers import random_adapter
 
 SETTINGS = GenerationSettings(prompt="an oil painting of a lighthouse", steps=3, guidance=5.0, seed=3, width=64,

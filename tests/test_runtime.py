@@ -8,7 +8,7 @@ from difflora import BlockWeights, LoRAFactors, LoRARuntime
 from difflora.errors import AdapterShapeError, InvalidArgumentError
 from difflora.adapter import AdapterState, LoRAModuleWeights
 from difflora.generate import GenerationSettings, generate
-from difflora.models import load_pipeline
+from difflora.pipelines import load_pipeline
 from helpers import random_adapter
 from difflora.processors import LoRAAttnProcessor, AttentionSite, unet_attention_sites
 

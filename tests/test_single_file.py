@@ -18,7 +18,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 from difflora.errors import InvalidArgumentError, ModelLoadError
 from difflora.generate import GenerationSettings, generate
-from difflora.models import load_pipeline
+from difflora.pipelines import load_pipeline
 from difflora.single_file import (
     CLIP_PREFIX,
     OPEN_CLIP_PREFIX,

@@ -18,7 +18,7 @@ from difflora.data import DataConfig, CaptionedImages, collate_batch, scan_datas
 from difflora.errors import InvalidArgumentError
 from difflora.formats import read_adapter
 from difflora.generate import GenerationSettings, generate
-from difflora.models import load_pipeline
+from difflora.pipelines import load_pipeline
 from difflora.train import TrainingDiverged, train
 from difflora.train.checkpoints import changed_options
 from difflora.train.config import TrainConfig, config_from_args, config_to_dict, make_config

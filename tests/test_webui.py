@@ -24,7 +24,7 @@ from difflora.blend import blend  # noqa: E402
 from difflora.errors import AdapterFileError, InvalidArgumentError  # noqa: E402
 from difflora.formats import read_adapter  # noqa: E402
 from difflora.generate import GenerationSettings, generate  # noqa: E402
-from difflora.models import load_pipeline  # noqa: E402
+from difflora.pipelines import load_pipeline  # noqa: E402
 from helpers import served_app  # noqa: E402
 from difflora.webui import (  # noqa: E402
     SLOT_COUNT,

@@ -15,7 +15,7 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 
 from difflora import LoRARuntime  # noqa: E402
-from difflora.models import load_pipeline  # noqa: E402
+from difflora.pipelines import load_pipeline  # noqa: E402
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

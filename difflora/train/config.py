@@ -24,7 +24,7 @@ from pathlib import Path
 import yaml
 
 from ..data import DataConfig
-from ..errors import InvalidArgumentError
+from ..errors import InvalidArgumentError, first_line
 
 __all__ = [
     "Option", "TrainConfig", "build_arg_parser", "config_from_args", "config_options", "config_to_dict",
@@ -260,7 +260,7 @@ def load_config_file(path: str | Path) -> dict:
     try:
         loaded = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as error:
-        raise InvalidArgumentError(f"config {path}: not valid YAML ({str(error).splitlines()[0]})", "config") from None
+        raise InvalidArgumentError(f"config {path}: not valid YAML ({first_line(error)})", "config") from None
     if not isinstance(loaded, dict):
         raise InvalidArgumentError(f"config {path}: expected a mapping of option: value", "config")
     known = config_options()

@@ -61,7 +61,7 @@ def make_accelerator(config: TrainConfig):
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration, set_seed
 
-    from ..models import resolve_device
+    from ..pipelines import resolve_device
 
     if "WORLD_SIZE" not in os.environ:
         # One process that trains more than once (the web UI, tests): accelerate keeps its state in a singleton that
@@ -114,7 +114,7 @@ def load_frozen_model(config: TrainConfig, device: torch.device) -> FrozenModel:
     mixed-precision dtype; the LoRA factors added later stay fp32."""
     from diffusers import DDPMScheduler
 
-    from ..models import load_pipeline
+    from ..pipelines import load_pipeline
 
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
     pipe = load_pipeline(config.model, device=device, dtype=torch.float32, model_config=config.model_config, quiet=True)

@@ -101,7 +101,7 @@ class WebUISession:
     def open(cls, model: str, lora_dir: str | os.PathLike, *, device: str = "auto", dtype: str = "auto",
              model_config: str | None = None) -> WebUISession:
         """Load ``model`` (as ``--model`` names it) and start a session on ``lora_dir``."""
-        from ..models import load_pipeline, resolve_device, resolve_dtype
+        from ..pipelines import load_pipeline, resolve_device, resolve_dtype
 
         AdapterLibrary(lora_dir)  # a missing folder fails before the (slow) model load
         resolved_device = resolve_device(device)

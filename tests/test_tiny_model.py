@@ -1,25 +1,20 @@
-"""The embedded tiny model, its cache, and loading the models users name."""
+"""The embedded tiny model: built reproducibly and atomically, cached once per version, loadable by plain diffusers."""
 
 import json
+import os
 import shutil
-import warnings
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
-from difflora import models
-from difflora.errors import InvalidArgumentError, ModelLoadError
-from difflora.models import (
-    TINY_MODEL_VERSION,
-    build_tiny_model,
-    default_model_dir,
-    ensure_default_model,
-    load_pipeline,
-    resolve_device,
-    resolve_dtype,
-)
+from difflora import tiny_model
+from difflora.errors import InvalidArgumentError
+from difflora.pipelines import load_pipeline
+from difflora.tiny_model import TINY_MODEL_VERSION, build_tiny_model, default_model_dir, ensure_default_model
 
 
 def _folder_bytes(folder):
@@ -68,6 +63,17 @@ def test_a_crash_while_building_leaves_nothing(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_the_tokenizer_is_learned_the_same_in_every_process(tmp_path):
+    # Hash randomisation differs per process; the learned merges (so every token id) must not.
+    script = "from difflora.tiny_model import _tokenizer_files; import sys; sys.stdout.write(repr(_tokenizer_files()))"
+    outputs = [
+        subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=120,
+                       env={**os.environ, "PYTHONHASHSEED": str(seed)}).stdout
+        for seed in (1, 2)
+    ]
+    assert outputs[0] == outputs[1] and "merges.txt" in outputs[0]
+
+
 # ----- what was built -----------------------------------------------------------------------------------------------
 
 
@@ -97,7 +103,7 @@ def test_tokenizer_is_clip_like(tiny_pipeline):
     assert tokenizer.model_max_length == 77 and len(padded) == 77
     assert padded[len(ids):] == [tokenizer.pad_token_id] * (77 - len(ids))
     # Every word the merges were learned from is one token; anything else still encodes, byte by byte at worst.
-    assert all(len(tokenizer(word).input_ids) == 3 for word in models._TOKENIZER_WORDS)
+    assert all(len(tokenizer(word).input_ids) == 3 for word in tiny_model._TOKENIZER_WORDS)
     assert tokenizer.unk_token_id not in tokenizer("Zebra™ 42 naïve")["input_ids"][1:-1]
     assert len(tokenizer) == tiny_pipeline.text_encoder.config.vocab_size
 
@@ -142,7 +148,7 @@ def test_losing_the_build_race_uses_the_winners_copy(tiny_model_dir, tmp_path, m
         shutil.copytree(tiny_model_dir, output_dir)
         raise OSError(39, "Directory not empty")  # what our own rename onto the winner's folder raises
 
-    monkeypatch.setattr(models, "build_tiny_model", another_process_wins)
+    monkeypatch.setattr(tiny_model, "build_tiny_model", another_process_wins)
     assert ensure_default_model() == default_model_dir()
 
     # A failure with no winner's copy in place is the caller's to see, not swallowed.
@@ -151,82 +157,7 @@ def test_losing_the_build_race_uses_the_winners_copy(tiny_model_dir, tmp_path, m
     def disk_full(output_dir, seed=0):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(models, "build_tiny_model", disk_full)
+    monkeypatch.setattr(tiny_model, "build_tiny_model", disk_full)
     with pytest.raises(OSError, match="No space left"):
         ensure_default_model()
     assert not default_model_dir().exists()
-
-
-# ----- loading ------------------------------------------------------------------------------------------------------
-
-
-def test_load_pipeline_applies_dtype_device_and_quiet_without_deprecation_warnings(tiny_model_dir):
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        pipe = load_pipeline(tiny_model_dir, device="cpu", dtype=torch.bfloat16, quiet=True)
-    assert pipe.unet.dtype == torch.bfloat16 and pipe.text_encoder.dtype == torch.bfloat16
-    assert pipe.device == torch.device("cpu")
-    assert pipe._progress_bar_config.get("disable") is True
-    assert not [w for w in caught if "dtype" in str(w.message)], [str(w.message) for w in caught]
-    assert not hasattr(load_pipeline(tiny_model_dir), "_progress_bar_config")  # progress bars stay on by default
-
-
-@pytest.mark.parametrize(
-    "make_model, message",
-    [
-        (lambda tmp: tmp / "missing-folder", "no such file or folder"),
-        (lambda tmp: "./models/typo", "no such file or folder"),
-        (lambda tmp: tmp / "missing.safetensors", "no such file or folder"),
-        (lambda tmp: (tmp / "empty").mkdir() or tmp / "empty", "no model_index.json"),
-        (lambda tmp: (tmp / "model.ckpt").write_bytes(b"\x80\x02}.") and tmp / "model.ckpt", "pickle checkpoints"),
-        (lambda tmp: (tmp / "model.bin").write_bytes(b"\x80\x02}.") and tmp / "model.bin", "to .safetensors"),
-        (lambda tmp: (tmp / "bad.safetensors").write_bytes(b"garbage") and tmp / "bad.safetensors", "could not load"),
-        (lambda tmp: "someone/no-such-model-anywhere", "could not load"),
-    ],
-    ids=["missing", "typo", "missing-file", "no-index", "ckpt", "bin", "broken", "hub-offline"],
-)
-def test_bad_models_give_one_line_errors_naming_them(make_model, message, tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    model = make_model(tmp_path)
-    with pytest.raises(ModelLoadError) as error:
-        load_pipeline(model)
-    text = str(error.value)
-    assert "\n" not in text and str(model) in text and message in text, text
-
-
-def test_library_failures_are_cut_to_one_line_and_chained(tiny_model_dir, monkeypatch):
-    cause = ValueError("first line " + "x" * 500 + "\nTraceback (most recent call last):\n  more")
-
-    def fail(*args, **kwargs):
-        raise cause
-
-    monkeypatch.setattr(StableDiffusionPipeline, "from_pretrained", fail)
-    with pytest.raises(ModelLoadError) as error:
-        load_pipeline(tiny_model_dir)
-    text = str(error.value)
-    assert "\n" not in text and str(tiny_model_dir) in text and "first line" in text and len(text) < 400
-    assert error.value.__cause__ is cause
-
-
-# ----- devices and dtypes -------------------------------------------------------------------------------------------
-
-
-def test_dtype_names():
-    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
-    assert resolve_dtype("auto", torch.device("cuda")) == torch.float16
-    assert resolve_dtype("fp32", "cpu") == resolve_dtype("float32", "cpu") == torch.float32
-    assert resolve_dtype("FP16", "cpu") == resolve_dtype("float16", "cpu") == torch.float16
-    assert resolve_dtype("bf16", "cpu") == resolve_dtype("bfloat16", "cpu") == torch.bfloat16
-    with pytest.raises(InvalidArgumentError, match=r"--dtype 'fp8' is not one of auto, fp32.*bfloat16"):
-        resolve_dtype("fp8", "cpu")
-
-
-def test_device_names():
-    assert resolve_device("cpu") == torch.device("cpu")
-    if not torch.cuda.is_available() and not models._mps_available():
-        assert resolve_device("auto") == torch.device("cpu")
-    with pytest.raises(InvalidArgumentError, match="'toaster'"):
-        resolve_device("toaster")
-    if not torch.cuda.is_available():
-        with pytest.raises(InvalidArgumentError, match="CUDA is not available"):
-            resolve_device("cuda")
