@@ -8,6 +8,7 @@ parser here and run through :func:`run_main`; none of them imports another's mod
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from collections.abc import Callable, Collection
 
@@ -46,11 +47,16 @@ def option_strings(parser: argparse.ArgumentParser) -> set[str]:
     return {option for action in parser._actions for option in action.option_strings}
 
 
-def error_line(error: DiffloraError, flags: Collection[str] = ()) -> str:
-    """The one line a command prints for ``error``.
+_IDENTIFIER = re.compile(r"\b[a-z][a-z0-9]*(?:_[a-z0-9]+)+\b")
 
-    A library error that names its parameter (``InvalidArgumentError(…, parameter="rank")``) is told in the
-    command's words where the command has that flag: ``rank must be …`` becomes ``--rank must be …``.
+
+def error_line(error: DiffloraError, flags: Collection[str] = ()) -> str:
+    """The one line a command prints for ``error``, in the command's words.
+
+    A library error names Python parameters; where the command has a flag for one, the flag is shown instead: the
+    leading parameter (``InvalidArgumentError("rank must be …", parameter="rank")`` → ``--rank must be …``), and any
+    other parameter written with underscores (``… when train_unet is off`` → ``… when --train-unet is off``; plain
+    words such as "model" or "steps" stay words inside a sentence).
     """
     message = " ".join(str(error).split("\n"))
     parameter = getattr(error, "parameter", None)
@@ -61,7 +67,12 @@ def error_line(error: DiffloraError, flags: Collection[str] = ()) -> str:
                 message = flag + message[len(parameter):]
             elif not message.startswith(flag):
                 message = f"{flag}: {message}"
-    return f"{PROGRAM}: error: {message}"
+
+    def as_flag(match: re.Match) -> str:
+        flag = "--" + match.group(0).replace("_", "-")
+        return flag if flag in flags else match.group(0)
+
+    return f"{PROGRAM}: error: {_IDENTIFIER.sub(as_flag, message)}"
 
 
 def run_main(run: Callable[[], int], parser: argparse.ArgumentParser | None = None) -> int:

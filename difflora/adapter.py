@@ -8,10 +8,12 @@ the canonical ``<component>.<block path>.<projection>`` of :mod:`difflora.keys`.
 from __future__ import annotations
 
 import collections
+import math
 from dataclasses import dataclass, field
 
 import torch
 
+from .keys import split_module_key
 from .lora import lora_scale
 
 __all__ = ["AdapterState", "LoRAModuleWeights"]
@@ -33,6 +35,13 @@ class LoRAModuleWeights:
     @property
     def scale(self) -> float:
         return lora_scale(self.rank, self.alpha, self.use_rslora)
+
+    def alpha_for(self, use_rslora: bool) -> float:
+        """The alpha that gives this module's scale under the ``use_rslora`` convention (``alpha / sqrt(rank)`` if
+        true, ``alpha / rank`` if not): a file format with one convention still carries every module's scale."""
+        if use_rslora == self.use_rslora:
+            return self.alpha
+        return self.scale * (math.sqrt(self.rank) if use_rslora else self.rank)
 
 
 @dataclass
@@ -56,3 +65,17 @@ class AdapterState:
 
     def alphas(self) -> list[float]:
         return sorted({weights.alpha for weights in self.modules.values()})
+
+    def targets(self) -> dict[str, list[str]]:
+        """The projections adapted in each component, sorted: ``{"unet": ["to_k", "to_out.0", …], …}``."""
+        found: dict[str, set[str]] = collections.defaultdict(set)
+        for module_key in self.modules:
+            component, _, projection = split_module_key(module_key)
+            found[component].add(projection)
+        return {component: sorted(projections) for component, projections in sorted(found.items())}
+
+    def skipped_summary(self, limit: int = 5) -> str:
+        """``N keys difflora cannot apply: a, b, …`` naming at most ``limit`` of :attr:`skipped`."""
+        count = len(self.skipped)
+        listed = ", ".join(self.skipped[:limit]) + (", ..." if count > limit else "")
+        return f"{count} key{'s' if count != 1 else ''} difflora cannot apply: {listed}"

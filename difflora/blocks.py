@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from .errors import InvalidArgumentError
+from .errors import InvalidArgumentError, finite_number
 
 __all__ = ["BlockWeights", "block_of"]
 
@@ -61,12 +61,9 @@ class BlockWeights:
         for item in filter(None, (piece.strip() for piece in text.split(","))):
             key, separator, value_text = item.partition("=")
             key = key.strip().lower()
-            try:
-                value = float(value_text)
-            except ValueError:
-                value = None
-            if not separator or value is None:
+            if not separator:
                 raise InvalidArgumentError(f"{option}: {item!r} is not NAME=NUMBER (e.g. down=0.5,mid=1,up.1=0)")
+            value = finite_number(value_text.strip(), f"{option}: {key}")
             if key in ("te", "text", "text_encoder"):
                 parts["text_encoder"] = value
             elif key in ("down", "mid", "up"):

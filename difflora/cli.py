@@ -104,7 +104,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         print(json.dumps(summary, indent=2, sort_keys=True))
         return 0
     for label, value in [("file", summary["file"]), *summary_rows(summary)]:
-        print(f"{label + ':':<12}{value}")
+        print(f"{(label + ':').ljust(11)} {value}")
     if summary["metadata"]:
         print("metadata:")
         for key, value in sorted(summary["metadata"].items()):
@@ -118,9 +118,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
     state = read_adapter(args.input)
     if state.skipped and args.strict:
-        raise InvalidArgumentError(
-            f"--strict: {args.input} holds {len(state.skipped)} keys difflora cannot carry (first: {state.skipped[0]})"
-        )
+        raise InvalidArgumentError(f"strict: {args.input} holds {state.skipped_summary()}", "strict")
     if args.to == "peft":
         from .formats import write_peft_folder
 
@@ -128,8 +126,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     else:
         write_adapter(state, args.out, layout=args.to)
     if state.skipped:
-        listed = ", ".join(state.skipped[:10])
-        print(f"not carried over ({len(state.skipped)} keys difflora cannot apply): {listed}", file=sys.stderr)
+        print(f"not carried over: {state.skipped_summary(limit=10)}", file=sys.stderr)
     print(args.out)
     return 0
 

@@ -27,15 +27,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageOps
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
-from ._files import atomic_path
 from .errors import DatasetError, InvalidArgumentError
 
 __all__ = [
     "IMAGE_SUFFIXES", "BucketBatchSampler", "CaptionedImages", "DataConfig", "DatasetIndex",
-    "ImageItem", "LatentDiskCache", "LatentMemoryCache", "assign_bucket", "cache_key", "can_cache_latents",
+    "ImageItem", "assign_bucket",
     "collate_batch", "image_batches", "load_rgb", "make_buckets", "prepare_image", "process_caption", "scan_dataset",
 ]
 
@@ -45,8 +42,6 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 CAPTION_SUFFIXES = (".txt", ".caption")  # the first one found wins
 METADATA_FILE = "metadata.jsonl"
 _REPEAT_FOLDER = re.compile(r"^([1-9][0-9]*)_.+$")
-_CACHE_KEY = re.compile(r"^[0-9a-f]{16,128}$")
-_LATENT_CACHE_VERSION = "difflora-latents-1"  # bump when the pixels a key stands for change meaning
 
 
 @dataclass
@@ -453,7 +448,10 @@ def image_batches(
     processes (0: this one). A sample depends only on ``(seed, epoch, index)``, so any number of workers gives the
     same batches; each worker copies ``dataset`` when iteration starts, so call :meth:`CaptionedImages.set_epoch`
     before iterating."""
-    return torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=collate_batch, num_workers=workers)
+    # A generator of its own: a DataLoader otherwise draws its workers' base seed from torch's global RNG on every
+    # iteration, shifting the stream other code (dropout, a user's callback) reads.
+    return torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=collate_batch, num_workers=workers,
+                                       generator=torch.Generator())
 
 
 class BucketBatchSampler(torch.utils.data.Sampler[list[int]]):
@@ -509,89 +507,3 @@ class BucketBatchSampler(torch.utils.data.Sampler[list[int]]):
             batches = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
         kept = len(self) * self.num_replicas
         yield from batches[:kept][self.rank :: self.num_replicas]
-
-
-# ----- latent caches ------------------------------------------------------------------------------------------------
-
-
-def can_cache_latents(config: DataConfig) -> bool:
-    """Whether a sample's pixels are the same every epoch, so its VAE latent can be computed once and reused.
-
-    A random crop or flip draws new pixels each epoch; a cached latent would freeze the first draw and silently
-    turn the augmentation off.
-    """
-    return config.center_crop and not config.random_flip
-
-
-def cache_key(path: Path, bucket: tuple[int, int], config: DataConfig, model_id: str = "") -> str:
-    """Key of an image's latent: sha256 of the file's bytes and of everything that shapes its pixels (bucket,
-    resolution, crop and flip mode). A changed file or size gets a new key, so a stale latent is never read.
-    ``model_id`` names the VAE when several share a cache folder."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    crop = "center" if config.center_crop else "random"
-    flip = "flip" if config.random_flip else "noflip"
-    shaping = f"{_LATENT_CACHE_VERSION}|{bucket[0]}x{bucket[1]}|{config.resolution}|{crop}|{flip}|{model_id}"
-    digest.update(b"|" + shaping.encode())
-    return digest.hexdigest()
-
-
-def _check_key(key: str) -> None:
-    # Keys become file names: only hex digests, so a key can never point outside the cache folder.
-    if not _CACHE_KEY.match(key):
-        raise InvalidArgumentError(f"key {key!r} is not a hex digest (use cache_key)", "key")
-
-
-class LatentMemoryCache:
-    """Latents held in memory, keyed by :func:`cache_key`."""
-
-    def __init__(self) -> None:
-        self._latents: dict[str, torch.Tensor] = {}
-
-    def get(self, key: str) -> torch.Tensor | None:
-        return self._latents.get(key)
-
-    def put(self, key: str, latents: torch.Tensor) -> None:
-        _check_key(key)
-        self._latents[key] = latents.detach().to("cpu", copy=True)
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._latents
-
-
-class LatentDiskCache:
-    """Latents as ``<folder>/<key>.safetensors`` files, written atomically, so a cache survives between runs and a
-    crash mid-write leaves no half file. A file that cannot be read counts as missing (it is recomputed)."""
-
-    def __init__(self, folder: str | Path) -> None:
-        self.folder = Path(folder)
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self._read: dict[str, torch.Tensor] = {}  # each file is read once per run, not once per step
-
-    def _path(self, key: str) -> Path:
-        _check_key(key)
-        return self.folder / f"{key}.safetensors"
-
-    def get(self, key: str) -> torch.Tensor | None:
-        if key in self._read:
-            return self._read[key]
-        path = self._path(key)
-        if not path.is_file():
-            return None
-        try:
-            self._read[key] = load_file(str(path))["latents"]
-            return self._read[key]
-        except (OSError, SafetensorError, KeyError) as error:
-            logger.warning("latent cache file %s cannot be read (%s); it will be recomputed", path, error)
-            return None
-
-    def put(self, key: str, latents: torch.Tensor) -> None:
-        latents = latents.detach().to("cpu").contiguous()
-        with atomic_path(self._path(key)) as temporary:
-            save_file({"latents": latents}, str(temporary))
-        self._read[key] = latents
-
-    def __contains__(self, key: object) -> bool:
-        return isinstance(key, str) and bool(_CACHE_KEY.match(key)) and self._path(key).is_file()

@@ -9,7 +9,6 @@ formats translate their own key spellings to and from these; the runtime places 
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 
 from .errors import AdapterFileError
@@ -23,7 +22,7 @@ __all__ = [
     "UNET_PROJECTIONS",
     "adapter_name_from_path",
     "is_pickle",
-    "module_key",
+    "join_module_key",
     "projections_of",
     "split_module_key",
 ]
@@ -45,7 +44,7 @@ def projections_of(component: str) -> tuple[str, ...]:
     return UNET_PROJECTIONS if component == "unet" else CLIP_PROJECTIONS
 
 
-def module_key(component: str, path: str, projection: str) -> str:
+def join_module_key(component: str, path: str, projection: str) -> str:
     """``("unet", "mid_block.attentions.0.transformer_blocks.0.attn1", "to_q")`` → ``"unet.mid_block….attn1.to_q"``."""
     return f"{component}.{path}.{projection}"
 
@@ -68,13 +67,9 @@ def is_pickle(path: str | os.PathLike) -> bool:
     return Path(path).suffix.lower() in PICKLE_SUFFIXES
 
 
-_NOT_IN_A_NAME = re.compile(r"[^A-Za-z0-9_-]")
-
-
 def adapter_name_from_path(path: str | os.PathLike) -> str:
-    """The name an adapter read from ``path`` gets when none is given: the file's stem (a folder's name), with
-    anything but letters, digits, ``-`` and ``_`` made ``_`` (runtime names hold no dots, and stay one word in
-    ``<lora:name:weight>`` prompt tags)."""
+    """The name an adapter read from ``path`` gets when none is given: the file's stem (a folder's name) with dots
+    made ``_`` (runtime names hold no dots), or ``adapter`` when that leaves nothing."""
     path = Path(path)
     stem = path.stem if path.suffix and not path.is_dir() else path.name
-    return _NOT_IN_A_NAME.sub("_", stem) or "adapter"
+    return stem.replace(".", "_") or "adapter"

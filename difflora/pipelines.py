@@ -141,7 +141,7 @@ def _load(
         reason = first_line(error)
         if "meta tensor" in reason:
             # diffusers leaves weights a checkpoint lacks as empty placeholders and then fails on them.
-            reason = "the checkpoint lacks weights this architecture needs: a wrong --model-config or a damaged file"
+            reason = "the checkpoint lacks weights this architecture needs: a wrong model_config or a damaged file"
         raise ModelLoadError(f"model {label}: could not load ({reason}){hint}", "model") from error
 
 
@@ -208,7 +208,7 @@ def load_pipeline(
                         f"model {label}: not a diffusers folder or a .safetensors checkpoint", "model"
                     )
                 single_file_options = dict(pipeline_options)
-                hint = "; model_config (--model-config) naming a diffusers folder of its architecture avoids the hub"
+                hint = "; model_config naming a diffusers folder of its architecture avoids the hub"
                 if model_config is not None:
                     single_file_options["config"] = os.fspath(model_config)
                     hint = ""

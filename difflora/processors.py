@@ -22,7 +22,7 @@ from torch import nn
 
 from .blocks import block_of
 from .errors import AdapterShapeError
-from .keys import CLIP_PROJECTIONS, UNET_PROJECTIONS
+from .keys import CLIP_PROJECTIONS, UNET_PROJECTIONS, join_module_key
 from .lora import MultiLoRA
 
 __all__ = [
@@ -308,7 +308,8 @@ class InstalledProcessors:
         """(module key ``<site key>.<projection>``, branch, adapted layer) for every projection of every host."""
         for site_key, host in self.hosts.items():
             for projection, branch, layer in host.projection_branches(self.sites[site_key].attention):
-                yield f"{site_key}.{projection}", branch, layer
+                site = self.sites[site_key].site
+                yield join_module_key(site.component, site.path, projection), branch, layer
 
     def restore(self) -> None:
         for site_key, host in self.hosts.items():

@@ -11,7 +11,6 @@ import collections
 import json
 
 from .adapter import AdapterState
-from .keys import split_module_key
 
 __all__ = ["describe_adapter", "error_summary", "summary_rows", "trigger_words", "worst_modules"]
 
@@ -41,10 +40,6 @@ def trigger_words(metadata: dict[str, str], limit: int = 5) -> list[str]:
 
 def describe_adapter(state: AdapterState) -> dict:
     """Format, ranks, alphas, modules and targets per component, the keys not applied, trigger words, metadata."""
-    targets: dict[str, set[str]] = collections.defaultdict(set)
-    for module_key in state.modules:
-        component, _, projection = split_module_key(module_key)
-        targets[component].add(projection)
     return {
         "format": state.source_format,
         "ranks": state.ranks(),
@@ -52,7 +47,7 @@ def describe_adapter(state: AdapterState) -> dict:
         "use_rslora": any(weights.use_rslora for weights in state.modules.values()),
         "modules": len(state.modules),
         "modules_per_component": state.modules_per_component(),
-        "targets": {component: sorted(names) for component, names in sorted(targets.items())},
+        "targets": state.targets(),
         "skipped": list(state.skipped),
         "trigger_words": trigger_words(state.metadata),
         "metadata": dict(state.metadata),
@@ -94,10 +89,9 @@ def summary_rows(summary: dict) -> list[tuple[str, str]]:
         ("training", _training(metadata)),
     ]
     rows += [(label, value) for label, value in optional if value]
-    skipped = summary["skipped"]
-    if skipped:
-        rows.append(("not applied", f"{len(skipped)} keys difflora cannot apply: " + ", ".join(skipped[:10])
-                     + (", ..." if len(skipped) > 10 else "")))
+    if summary["skipped"]:
+        skipped = AdapterState(modules={}, skipped=summary["skipped"])
+        rows.append(("not applied", skipped.skipped_summary(limit=10)))
     return rows
 
 
@@ -113,4 +107,5 @@ def error_summary(relative_errors: dict[str, float]) -> str:
         return "no modules"
     (worst, largest), = worst_modules(relative_errors, 1)
     mean = sum(relative_errors.values()) / len(relative_errors)
-    return f"{len(relative_errors)} modules, relative error per module: mean {mean:.3e}, max {largest:.3e} ({worst})"
+    modules = f"{len(relative_errors)} module" + ("s" if len(relative_errors) != 1 else "")
+    return f"{modules}, relative error per module: mean {mean:.3e}, max {largest:.3e} ({worst})"

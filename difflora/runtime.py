@@ -30,8 +30,8 @@ from .adapter import AdapterState, LoRAModuleWeights
 from .blocks import BlockWeights
 from .errors import AdapterFileError, AdapterShapeError, InvalidArgumentError, finite_number
 from .formats import read_adapter, write_adapter
-from .keys import TEXT_ENCODERS, adapter_name_from_path, projections_of, split_module_key
-from .lora import LoRAFactors, MultiLoRA, initial_factors
+from .keys import TEXT_ENCODERS, adapter_name_from_path, join_module_key, projections_of, split_module_key
+from .lora import INITIALISATIONS, LoRAFactors, MultiLoRA, initial_factors
 from .processors import InstalledProcessors, SiteOnModel, attention_sites, install_processors
 
 __all__ = ["LoRARuntime", "AdapterInfo"]
@@ -202,10 +202,9 @@ class LoRARuntime:
         self._check_name(name, replace_existing)
         where = source or name
         if state.skipped:
-            listed = ", ".join(state.skipped[:5]) + (", ..." if len(state.skipped) > 5 else "")
             if strict:
-                raise AdapterFileError(f"{where}: {len(state.skipped)} keys difflora cannot apply (strict): {listed}")
-            logger.warning("%s: %d keys difflora cannot apply were not loaded: %s", where, len(state.skipped), listed)
+                raise AdapterFileError(f"{where}: refused (strict): {state.skipped_summary()}", "strict")
+            logger.warning("%s: not loaded: %s", where, state.skipped_summary())
         weight = finite_number(weight, f"weight of {name!r}")
         self._check_fits(state, where)
         # Every factor is built before the model changes, so a failure here (bad values, out of memory) changes nothing.
@@ -270,6 +269,8 @@ class LoRARuntime:
             raise InvalidArgumentError(
                 f"components {unknown} are not in this pipeline ({list(self.components)})", "components"
             )
+        if init not in INITIALISATIONS:
+            raise InvalidArgumentError(f"init must be one of {', '.join(INITIALISATIONS)}, got {init!r}", "init")
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         modules = {}
         for site_key, placed in self._sites.items():
@@ -279,7 +280,8 @@ class LoRARuntime:
                 projections_of(placed.site.component)
             ).items():
                 down, up = initial_factors(rank, in_features, out_features, init, generator)
-                modules[f"{site_key}.{projection}"] = LoRAModuleWeights(down, up, float(alpha or rank), use_rslora)
+                key = join_module_key(placed.site.component, placed.site.path, projection)
+                modules[key] = LoRAModuleWeights(down, up, float(alpha or rank), use_rslora)
         info = self.add_adapter(name, AdapterState(modules=modules))
         for parameter in self.parameters(name):
             parameter.requires_grad_(True)

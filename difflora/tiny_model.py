@@ -340,7 +340,16 @@ def ensure_default_model() -> Path:
         # The rename (or the emptiness check) failed because another process put its copy in place first.
         if not _is_current_tiny_model(model_dir):
             raise
+    _discard_older_versions(model_dir)
     return model_dir
+
+
+def _discard_older_versions(model_dir: Path) -> None:
+    """Remove the embedded models other difflora versions built beside ``model_dir`` (``tiny-sd-v1`` once v2 is in
+    place): each is a few MB nobody will load again. Only folders holding difflora's marker are touched."""
+    for folder in model_dir.parent.glob("tiny-sd-v*"):
+        if folder != model_dir and (folder / _MARKER_NAME).is_file():
+            _discard_folder(folder)
 
 
 def is_embedded(model: str | os.PathLike | None) -> bool:

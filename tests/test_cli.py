@@ -172,7 +172,7 @@ def test_convert_strict_refuses_what_it_cannot_carry(adapter_file, tmp_path, cap
     assert main(["convert", with_conv, "--to", "difflora", "--out", str(out), "--strict"]) == 2
     assert "--strict" in capsys.readouterr().err and not out.exists()
     assert main(["convert", str(tmp_path / "with-conv.safetensors"), "--to", "difflora", "--out", str(out)]) == 0
-    assert "not carried over (1 keys" in capsys.readouterr().err and out.exists()
+    assert "not carried over: 1 key difflora cannot apply" in capsys.readouterr().err and out.exists()
 
 
 def test_blend_scale_resize_commands(adapter_file, tmp_path, capsys):
@@ -236,11 +236,12 @@ def test_generate_lists_or_refuses_keys_it_cannot_apply(tiny_model_dir, adapter_
     save_file(tensors, str(conv))
     common = ["generate", "--model", str(tiny_model_dir), "--lora", str(conv), "--prompt", "p", "--steps", "1"]
     assert main([*common, "--strict", "--out", str(tmp_path / "strict.png")]) == 2
-    expected = "1 keys difflora cannot apply (strict): lora_unet_mid_block_resnets_0_conv1.lora_down.weight"
+    expected = "refused (strict): 1 key difflora cannot apply: lora_unet_mid_block_resnets_0_conv1.lora_down.weight"
     assert expected in capsys.readouterr().err
     assert not (tmp_path / "strict.png").exists()
     assert main([*common, "--out", str(tmp_path / "ok.png")]) == 0
-    assert "1 keys difflora cannot apply were not loaded" in caplog.text  # a warning on stderr outside pytest
+    # a warning on stderr outside pytest
+    assert "not loaded: 1 key difflora cannot apply: lora_unet_mid_block_resnets_0_conv1" in caplog.text
 
 
 def test_corrupted_or_mismatched_inputs_write_nothing(adapter_file, tmp_path, capsys):

@@ -17,11 +17,7 @@ from difflora.data import (
     BucketBatchSampler,
     CaptionedImages,
     DataConfig,
-    LatentDiskCache,
-    LatentMemoryCache,
     assign_bucket,
-    cache_key,
-    can_cache_latents,
     collate_batch,
     load_rgb,
     make_buckets,
@@ -30,6 +26,7 @@ from difflora.data import (
     scan_dataset,
 )
 from difflora.errors import DatasetError, InvalidArgumentError
+from difflora.latent_cache import LatentDiskCache, LatentMemoryCache, cache_key, can_cache_latents
 
 SAMPLES = Path(__file__).resolve().parent.parent / "samples"
 

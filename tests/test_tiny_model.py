@@ -135,6 +135,8 @@ def test_the_embedded_model_is_built_once_and_rebuilt_when_stale(tmp_path, monke
         assert load_pipeline(name, quiet=True).unet.config.cross_attention_dim == 32
     assert marker.stat().st_mtime_ns == stamp
 
+    older = built.parent / "tiny-sd-v0"  # what an older difflora left in the cache
+    shutil.copytree(built, older)
     marker.write_text('{"tiny_model_version": 0}')  # a cache from another difflora
     ensure_default_model()
     assert json.loads(marker.read_text())["tiny_model_version"] == TINY_MODEL_VERSION

@@ -121,6 +121,10 @@ def test_resume_names_the_options_that_changed_since_the_checkpoint():
     assert changed_options(saved, later) == ["lr: 0.0001 → 0.001", "timestep_sampling: stratified → uniform"]
     older = {key: value for key, value in saved.items() if key != "timestep_sampling"}  # a checkpoint from before
     assert changed_options(older, saved) == ["timestep_sampling: unset → stratified"]
+    # A path recorded as typed (older checkpoints) is the same folder normalised; another folder is not.
+    typed = {**saved, "data": "./d/"}
+    assert changed_options(typed, saved) == []
+    assert changed_options({**saved, "data": "other"}, saved) == ["data: other → d"]
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_model_dir, monkeypatch):

@@ -15,7 +15,8 @@ from diffusers import DDPMScheduler
 
 import difflora.train.phases as phases
 import difflora.train.steps as steps
-from difflora.data import CaptionedImages, LatentDiskCache, LatentMemoryCache, scan_dataset
+from difflora.data import CaptionedImages, scan_dataset
+from difflora.latent_cache import LatentDiskCache, LatentMemoryCache
 from difflora.train.config import config_to_dict, make_config
 from difflora.train.phases import (
     MicroBatchOutcome,

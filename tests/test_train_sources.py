@@ -14,12 +14,11 @@ from difflora.data import (
     BucketBatchSampler,
     CaptionedImages,
     DataConfig,
-    LatentDiskCache,
-    LatentMemoryCache,
     collate_batch,
     scan_dataset,
 )
 from difflora.errors import InvalidArgumentError
+from difflora.latent_cache import LatentDiskCache, LatentMemoryCache
 from difflora.train.sources import BatchPosition, BatchSource, LatentSource, batch_positions
 
 

@@ -254,7 +254,7 @@ def test_prompt_tags_are_parsed_and_generate_like_slots(session):
     text, slots = parse_prompt_loras("a castle <lora:alpha:0.5>, at dusk <LORA:beta.safetensors>")
     assert text == "a castle, at dusk"
     assert slots == [AdapterSlot("alpha.safetensors", 0.5), AdapterSlot("beta.safetensors", 1.0)]
-    with pytest.raises(InvalidArgumentError, match="not a number"):
+    with pytest.raises(InvalidArgumentError, match="weight must be a number, got .lots."):
         parse_prompt_loras("<lora:alpha:lots>")
 
     tagged = session.generate(GenerateRequest(f"{PROMPT} <lora:alpha:0.5>", steps=3, guidance=5.0, seed=3))

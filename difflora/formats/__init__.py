@@ -16,7 +16,6 @@ to its entry in :data:`WRITERS`. A new dialect is one module with the same funct
 
 from __future__ import annotations
 
-import collections
 import json
 import os
 from pathlib import Path
@@ -28,7 +27,7 @@ from .. import _version
 from .._files import atomic_path
 from ..adapter import AdapterState
 from ..errors import AdapterFileError
-from ..keys import is_pickle, split_module_key
+from ..keys import is_pickle
 from . import diffusers, kohya, peft
 from ._common import read_safetensors
 from .diffusers import DIFFUSERS_METADATA_KEY, DIFFUSERS_WEIGHTS_FILE, diffusers_lora_metadata, to_diffusers_state_dict
@@ -119,10 +118,6 @@ def read_adapter(path: str | os.PathLike) -> AdapterState:
 
 def _difflora_header(state: AdapterState, metadata: dict[str, str] | None) -> dict[str, str]:
     """The header entries every layout carries: the adapter's and the caller's metadata, then difflora's keys."""
-    targets = collections.defaultdict(set)
-    for module_key in state.modules:
-        component, _, projection = split_module_key(module_key)
-        targets[component].add(projection)
     header = {key: str(value) for key, value in state.metadata.items()}
     header.update({key: str(value) for key, value in (metadata or {}).items()})
     header.pop(DIFFUSERS_METADATA_KEY, None)  # it describes other factors; each layout writes its own or none
@@ -133,7 +128,7 @@ def _difflora_header(state: AdapterState, metadata: dict[str, str] | None) -> di
             "difflora.version": _version.__version__,
             "difflora.ranks": json.dumps(state.ranks()),
             "difflora.alphas": json.dumps(state.alphas()),
-            "difflora.targets": json.dumps({component: sorted(names) for component, names in sorted(targets.items())}),
+            "difflora.targets": json.dumps(state.targets()),
         }
     )
     return header

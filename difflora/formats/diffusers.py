@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import collections
 import json
-import math
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -215,19 +214,14 @@ def _component_config(modules: dict[str, LoRAModuleWeights]) -> dict[str, object
     """The LoraConfig of one component (module path → weights) under which PEFT gives every module its scale."""
     use_rslora = all(weights.use_rslora for weights in modules.values())
 
-    def alpha_for(weights: LoRAModuleWeights) -> float:
-        # A module whose rsLoRA flag differs from the component's gets the alpha that gives the same scale.
-        if weights.use_rslora == use_rslora:
-            return weights.alpha
-        return weights.scale * (math.sqrt(weights.rank) if use_rslora else weights.rank)
-
     rank = collections.Counter(w.rank for w in modules.values()).most_common(1)[0][0]
-    alpha = collections.Counter(alpha_for(w) for w in modules.values()).most_common(1)[0][0]
+    alphas = {path: w.alpha_for(use_rslora) for path, w in modules.items()}
+    alpha = collections.Counter(alphas.values()).most_common(1)[0][0]
     return {
         "r": rank,
         "lora_alpha": alpha,
         "rank_pattern": {path: w.rank for path, w in modules.items() if w.rank != rank},
-        "alpha_pattern": {path: alpha_for(w) for path, w in modules.items() if alpha_for(w) != alpha},
+        "alpha_pattern": {path: module_alpha for path, module_alpha in alphas.items() if module_alpha != alpha},
         # Full module paths: PEFT then adapts exactly the modules the file holds.
         "target_modules": sorted(modules),
         "use_rslora": use_rslora,

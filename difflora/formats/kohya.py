@@ -138,14 +138,14 @@ def to_kohya_state_dict(state: AdapterState) -> dict[str, torch.Tensor]:
             name = "lora_te1_" + name.removeprefix("lora_te_")  # SDXL files name the first encoder te1
         tensors[f"{name}.lora_down.weight"] = weights.down.detach().contiguous()
         tensors[f"{name}.lora_up.weight"] = weights.up.detach().contiguous()
-        tensors[f"{name}.alpha"] = torch.tensor(weights.scale * weights.rank, dtype=torch.float32)
+        tensors[f"{name}.alpha"] = torch.tensor(weights.alpha_for(use_rslora=False), dtype=torch.float32)
     return tensors
 
 
 def kohya_metadata(state: AdapterState, title: str = "difflora adapter") -> dict[str, str]:
     """kohya's ``ss_*`` keys and the ``modelspec.*`` keys A1111 and ComfyUI show."""
     ranks = collections.Counter(w.rank for w in state.modules.values())
-    alphas = collections.Counter(w.scale * w.rank for w in state.modules.values())
+    alphas = collections.Counter(w.alpha_for(use_rslora=False) for w in state.modules.values())
     rank, alpha = ranks.most_common(1)[0][0], alphas.most_common(1)[0][0]
     sdxl = any(key.startswith("text_encoder_2.") for key in state.modules)
     return {

@@ -35,8 +35,15 @@ def changed_options(saved: dict, current: dict) -> list[str]:
     return [
         f"{name}: {saved.get(name, 'unset')!s} → {value!s}"
         for name, value in current.items()
-        if (name not in options or options[name].shapes_result) and (name not in saved or saved[name] != value)
+        if (name not in options or options[name].shapes_result) and (name not in saved or not _same(saved[name], value))
     ]
+
+
+def _same(saved: object, current: object) -> bool:
+    # Paths are recorded as the user typed them (older checkpoints) or normalised (``./imgs/`` → ``imgs``).
+    if isinstance(saved, str) and isinstance(current, str):
+        return saved == current or Path(saved) == Path(current)
+    return saved == current
 
 
 _NAME = re.compile(r"^checkpoint-(\d+)$")

@@ -96,8 +96,9 @@ class TrainConfig:
     cache_dir: str | None = _option(None, "folder for a disk latent cache kept across runs (default: memory)",
                                     shapes_result=False)
     cache_text_encoder_outputs: bool = _option(True, "encode each caption once while the text encoder is frozen")
-    dataloader_workers: int = _option(0, "processes that load the images the latent cache does not serve (0: none)",
-                                      shapes_result=False)
+    dataloader_workers: int = _option(
+        0, "processes that load the images the latent cache does not serve (0: the main process loads them)",
+        shapes_result=False)
     # Runs that survive
     seed: int = _option(0, "seed for noise, timesteps, data order, crops, flips, captions and initialisation")
     checkpointing_steps: int = _option(

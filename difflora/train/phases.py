@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from ..data import CaptionedImages, LatentDiskCache, LatentMemoryCache, can_cache_latents
+from ..data import CaptionedImages
+from ..latent_cache import LatentDiskCache, LatentMemoryCache, can_cache_latents
 from ..errors import DiffloraError
 from . import steps as step_maths  # looked up at each call, so a test can replace one function
 from .config import TrainConfig, config_to_dict

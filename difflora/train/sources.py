@@ -14,16 +14,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..data import (
-    BucketBatchSampler,
-    CaptionedImages,
-    LatentDiskCache,
-    LatentMemoryCache,
-    cache_key,
-    collate_batch,
-    image_batches,
-)
+from ..data import BucketBatchSampler, CaptionedImages, collate_batch, image_batches
 from ..errors import InvalidArgumentError
+from ..latent_cache import LatentDiskCache, LatentMemoryCache, cache_key
 from . import steps as step_maths  # looked up at each call, so a test can replace one function
 
 __all__ = ["BatchPosition", "BatchSource", "LatentSource", "MicroBatch", "batch_positions"]

@@ -63,10 +63,7 @@ def parse_prompt_loras(prompt: str) -> tuple[str, list[AdapterSlot]]:
     slots = []
     for match in _PROMPT_LORA.finditer(prompt):
         name, weight_text = match.group(1).strip(), (match.group(2) or "").strip()
-        try:
-            weight = float(weight_text) if weight_text else 1.0
-        except ValueError:
-            raise InvalidArgumentError(f"prompt tag {match.group(0)}: weight {weight_text!r} is not a number") from None
+        weight = finite_number(weight_text, f"prompt tag {match.group(0)}: weight") if weight_text else 1.0
         file = name if name.lower().endswith(ADAPTER_SUFFIX) else name + ADAPTER_SUFFIX
         slots.append(AdapterSlot(file, weight))
     text = _PROMPT_LORA.sub(" ", prompt)

@@ -13,6 +13,7 @@ import dataclasses
 import functools
 import os
 import random
+import re
 import shutil
 import threading
 import time
@@ -37,6 +38,8 @@ from .training_job import TrainingJob
 
 if TYPE_CHECKING:
     from PIL import Image
+
+_NOT_IN_A_PAGE_NAME = re.compile(r"[^A-Za-z0-9_-]")
 
 __all__ = ["BLEND_PREVIEW_ADAPTER", "GenerateResult", "SavedBlend", "WebUISession", "error_report"]
 
@@ -119,8 +122,9 @@ class WebUISession:
 
     # ----- the adapter mix (every method here is called with the lock held) -------------------------------------
     def _adapter_name_for(self, file: str) -> str:
-        """A runtime name for a file: the name ``keys.adapter_name_from_path`` gives it, made unique."""
-        base = adapter_name_from_path(self.root / file)
+        """A runtime name for a file: the name ``keys.adapter_name_from_path`` gives it, as one plain word (it is
+        shown in the page's Markdown status lines), made unique."""
+        base = _NOT_IN_A_PAGE_NAME.sub("_", adapter_name_from_path(self.root / file))
         taken = {loaded.adapter for name, loaded in self._loaded.items() if name != file} | {BLEND_PREVIEW_ADAPTER}
         name, number = base, 2
         while name in taken:

@@ -127,7 +127,10 @@ class TrainingJob:
                            f"last loss {result.losses[-1]:.4f})")
             self._update(state="finished", adapter_file=adapter_file, message=message)
         except DiffloraError as error:
-            self._update(state="failed", message=f"training failed: {error}", error=error)
+            # A detached copy: the exception itself holds train()'s frames (model, optimizer, caches) in its
+            # traceback, which would stay in memory until the next run.
+            detached = DiffloraError(str(error), error.parameter)
+            self._update(state="failed", message=f"training failed: {error}", error=detached)
         except Exception:
             logger.exception("training %s failed", config.name)
             self._update(state="failed", message="training failed on the server (details are in its log)")
