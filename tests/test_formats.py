@@ -1,6 +1,8 @@
 """Adapter files: difflora's own, what diffusers and PEFT write, the legacy layouts, and bad files."""
 
 import json
+import pickle
+import re
 
 import pytest
 import torch
@@ -11,7 +13,7 @@ from safetensors.torch import save_file
 
 import difflora.formats as formats
 from difflora import LoRARuntime
-from difflora.errors import AdapterFileError
+from difflora.errors import AdapterFileError, DiffloraError
 from difflora.adapter import AdapterState, LoRAModuleWeights
 from difflora.formats import read_adapter, write_adapter
 from difflora.reports import describe_adapter
@@ -196,7 +198,7 @@ def file_with(folder, name, contents):
                 d, "rank0.safetensors",
                 {f"{TO_Q}.lora_A.weight": torch.ones(0, 32), f"{TO_Q}.lora_B.weight": torch.ones(32, 0)},
             ),
-            "expected down (rank × in)",
+            "has empty factors of shapes (0, 32) and (32, 0)",
         ),
     ],
     ids=["missing", "bin", "ckpt", "garbage", "no-lora-keys", "half-module", "empty-folder", "rank-zero"],
@@ -207,6 +209,105 @@ def test_bad_files_give_one_line_errors(tmp_path, make, message):
         read_adapter(path)
     assert message in str(error.value) and "\n" not in str(error.value)
     assert str(path) in str(error.value)
+
+
+KOHYA_TO_Q = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+
+
+def pair(down, up, name=TO_Q, spelling="diffusers"):
+    """One module's factors in a dialect's spelling."""
+    if spelling == "kohya":
+        return {f"{KOHYA_TO_Q}.lora_down.weight": down, f"{KOHYA_TO_Q}.lora_up.weight": up}
+    return {f"{name}.lora_A.weight": down, f"{name}.lora_B.weight": up}
+
+
+NAN_DOWN = torch.ones(2, 32).index_fill_(1, torch.tensor([5]), float("nan"))
+GOOD = pair(torch.ones(2, 32), torch.ones(32, 2))
+GOOD_KOHYA = pair(torch.ones(2, 32), torch.ones(32, 2), spelling="kohya")
+META = "lora_adapter_metadata"
+MODULE = f"module {TO_Q!r} "  # how an error names the module at fault
+
+
+@pytest.mark.parametrize(
+    "tensors, header, message",
+    [
+        (pair(NAN_DOWN, torch.ones(32, 2)), {}, MODULE + "holds NaN or inf values"),
+        (pair(torch.ones(2, 32), torch.full((32, 2), float("-inf")), spelling="kohya"), {}, MODULE + "holds NaN"),
+        (pair(torch.ones(2, 32, 1, 1), torch.ones(32, 2, 1, 1), spelling="kohya"), {}, "expected two matrices"),
+        (pair(torch.ones(2, 32, dtype=torch.int32), torch.ones(32, 2, dtype=torch.int32)), {},
+         MODULE + "has factors of type torch.int32 and torch.int32, expected floating point"),
+        (pair(torch.ones(2, 32), torch.ones(32, 2, dtype=torch.complex64)), {}, "expected floating point"),
+        ({**GOOD, f"{TO_Q}.alpha": torch.tensor(0.0)}, {}, MODULE + "has alpha 0, which tools read differently"),
+        ({**GOOD, f"{TO_Q}.alpha": torch.tensor(float("inf"))}, {}, MODULE + "has alpha inf, expected a finite number"),
+        ({**GOOD, f"{TO_Q}.alpha": torch.ones(3)}, {}, MODULE + "has an alpha of shape (3,)"),
+        ({**GOOD_KOHYA, f"{KOHYA_TO_Q}.alpha": torch.ones(0)}, {}, MODULE + "has an alpha of shape (0,)"),
+        (GOOD, {META: '{"unet.lora_alpha": NaN}'}, MODULE + "has alpha nan"),
+        (GOOD, {META: '{"unet.lora_alpha": "8"}'}, MODULE + "has LoraConfig alpha '8', not a number"),
+        (GOOD, {META: '{"unet.alpha_pattern": ["to_q"]}'}, "LoraConfig alpha_pattern is a list, not a mapping"),
+        (GOOD, {META: '{"unet.alpha_pattern": {"(": 4}}'}, "alpha_pattern has a key that is not a regular expression"),
+        (GOOD, {META: "{'unet.r': 2}"}, f"header entry {META!r} is not JSON"),
+        (GOOD, {META: '"unet"'}, f"header entry {META!r} is not a JSON object (got str)"),
+    ],
+    ids=["nan", "kohya-inf", "kohya-4d", "int32", "complex", "alpha-zero", "alpha-inf", "alpha-vector",
+         "kohya-alpha-empty",
+         "config-alpha-nan", "config-alpha-string", "alpha-pattern-list", "alpha-pattern-regex", "metadata-not-json",
+         "metadata-not-object"],
+)
+def test_unusable_contents_are_refused_naming_the_source_and_module(tensors, header, message):
+    """parse_state_dict is where every file's contents are checked, whatever its dialect: NaN or inf, factors that
+    are no matrices or not floating point, an alpha that is 0, not finite or no number at all, and a
+    LoraConfig header difflora cannot read. The error is one line naming the file (and the module at fault); nothing
+    reaches the caller as a torch or JSON traceback."""
+    with pytest.raises(AdapterFileError) as error:
+        formats.parse_state_dict(tensors, header, source="hostile.safetensors")
+    text = str(error.value)
+    assert text.startswith("hostile.safetensors: ") and message in text and "\n" not in text
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2], ids=str)
+def test_low_precision_factors_are_read_and_their_nan_refused(dtype, tmp_path):
+    """Files in every floating type safetensors holds are read (torch has no isfinite for float8 e4m3, so the check
+    must not call it there), and a NaN in them is still refused."""
+    down, up = torch.full((2, 32), 0.5).to(dtype), torch.full((32, 2), 0.25).to(dtype)
+    path = file_with(tmp_path, "low.safetensors", pair(down, up))
+    assert read_adapter(path).modules[TO_Q].down.dtype == dtype
+    down[1, 1] = float("nan")
+    path = file_with(tmp_path, "low-nan.safetensors", pair(down, up))
+    with pytest.raises(AdapterFileError, match="holds NaN or inf values"):
+        read_adapter(path)
+
+
+def test_a_renamed_checkpoint_is_named_as_a_pickle_and_never_opened(tmp_path):
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return open, (str(marker), "w")
+
+    bare = file_with(tmp_path, "bare.safetensors", pickle.dumps({"hook": Payload()}, protocol=2))
+    zipped = tmp_path / "zipped.safetensors"
+    torch.save({"hook": Payload()}, zipped)
+    for path, kind in ((bare, "holds a pickle"), (zipped, "holds a zip archive (what torch.save writes)")):
+        with pytest.raises(AdapterFileError, match=re.escape(f"{path}: {kind}, not safetensors")):
+            read_adapter(path)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    "config, message",
+    [(b'{"r": 2, "lora_alpha"', "not a readable PEFT config"), (b"\xff\xfe{}", "not a readable PEFT config"),
+     (b'["r", 2]', "not a PEFT config (a JSON object), got a list")],
+    ids=["truncated", "not-utf8", "list"],
+)
+def test_peft_config_that_is_not_a_json_object_names_the_file(tmp_path, config, message):
+    folder = tmp_path / "peft"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_bytes(config)
+    save_file({"base_model.model.down_blocks.0.attn1.to_q.lora_A.weight": torch.ones(2, 32)},
+              str(folder / "adapter_model.safetensors"))
+    with pytest.raises(AdapterFileError) as error:
+        read_adapter(folder)
+    assert str(error.value).startswith(f"{folder / 'adapter_config.json'}: {message}")
 
 
 def test_truncated_file_is_refused(pipe, tmp_path):
@@ -231,7 +332,7 @@ def test_failed_write_leaves_no_file(pipe, tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(formats, "save_file", failing_save)
-    with pytest.raises(OSError):
+    with pytest.raises((OSError, DiffloraError)):  # how the failure is worded is _files.py's; here: nothing is left
         write_adapter(state, target)
     assert target.read_bytes() == before  # the old file is untouched
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.safetensors"]  # no temporary left behind
@@ -367,3 +468,12 @@ def test_kohya_sdxl_keys_map_to_diffusers_modules():
     assert set(state.modules) == set(cases.values())
     assert state.skipped == ["lora_unet_input_blocks_4_0_in_layers_2.lora_down.weight"]
     assert all(module.alpha == 2.0 for module in state.modules.values())
+
+
+def test_a_negative_alpha_is_read_as_written():
+    # A negative alpha flips the update's sign; A1111 and ComfyUI apply it so, and so does difflora (alpha 0, which
+    # tools read differently, is refused above).
+    tensors = {**GOOD_KOHYA, f"{KOHYA_TO_Q}.alpha": torch.tensor(-4.0)}
+    state = formats.parse_state_dict(tensors, {}, source="negative.safetensors")
+    (module,) = state.modules.values()
+    assert module.alpha == -4.0 and module.scale == -2.0

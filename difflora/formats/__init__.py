@@ -65,6 +65,20 @@ WRITE_LAYOUTS = tuple(WRITERS)
 # ----- reading ------------------------------------------------------------------------------------------------------
 
 
+def _checked(state: AdapterState, source: str) -> AdapterState:
+    """``state`` once every module holds a LoRA that can be used: the one check of contents, whatever the dialect,
+    where every command reads an adapter (see :meth:`~difflora.adapter.AdapterState.problem`)."""
+    problem = state.problem()
+    if problem:
+        raise AdapterFileError(f"{source}: {problem}")
+    return state
+
+
+def _parse(tensors: dict[str, torch.Tensor], header: dict[str, str], source: str) -> AdapterState:
+    reader = next(dialect for dialect in READERS if dialect.claims(tensors))
+    return reader.read_state_dict(tensors, dict(header), source)
+
+
 def parse_state_dict(
     tensors: dict[str, torch.Tensor], header: dict[str, str] | None = None, source: str = "state dict"
 ) -> AdapterState:
@@ -72,15 +86,16 @@ def parse_state_dict(
     keys are.
 
     Raises:
-        AdapterFileError: when no key is in a format difflora reads, or a module lacks its up or down factor.
+        AdapterFileError: when no key is in a format difflora reads, a module lacks its up or down factor, or a module
+            is not a usable LoRA (NaN or inf, empty or misshapen factors, factors not floating point, an alpha that is
+            not a finite number > 0); one line naming ``source`` and the module.
     """
-    reader = next(dialect for dialect in READERS if dialect.claims(tensors))
-    return reader.read_state_dict(tensors, dict(header or {}), source)
+    return _checked(_parse(tensors, header or {}, source), source)
 
 
 def _read_file(path: Path) -> AdapterState:
     tensors, header = read_safetensors(path)
-    return parse_state_dict(tensors, header, source=str(path))
+    return _parse(tensors, header, source=str(path))
 
 
 def _read_folder(folder: Path) -> AdapterState:
@@ -98,8 +113,9 @@ def read_adapter(path: str | os.PathLike) -> AdapterState:
     per-component PEFT export, or a diffusers LoRA output folder.
 
     Raises:
-        AdapterFileError: missing file, a pickle file (refused: safetensors only), a truncated or corrupt file, or keys
-            in no format difflora reads. The message is one line and names the file.
+        AdapterFileError: missing file, a pickle file (refused: safetensors only), a truncated or corrupt file, keys
+            in no format difflora reads, or a module that is not a usable LoRA (as :func:`parse_state_dict`). The
+            message is one line and names the file.
     """
     path = Path(path)
     if is_pickle(path):
@@ -108,9 +124,7 @@ def read_adapter(path: str | os.PathLike) -> AdapterState:
         )
     if not path.exists():
         raise AdapterFileError(f"{path}: no such file")
-    if path.is_dir():
-        return _read_folder(path)
-    return _read_file(path)
+    return _checked(_read_folder(path) if path.is_dir() else _read_file(path), str(path))
 
 
 # ----- writing ------------------------------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
-"""What the dialects share: reading a ``.safetensors`` file with one-line errors, checking a module's factors, and the
-text-encoder path spelling written files use."""
+"""What the dialects share: reading a ``.safetensors`` file with one-line errors, pairing a module's factors, reading an
+alpha, and the text-encoder path spelling written files use."""
 
 from __future__ import annotations
 
@@ -8,29 +8,52 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from ..adapter import factor_shape_problem
 from ..errors import AdapterFileError, first_line
 
-__all__ = ["file_module_path", "read_safetensors", "require_factors"]
+__all__ = ["alpha_value", "file_module_path", "read_safetensors", "require_factors"]
+
+
+def _pickle_kind(path: Path) -> str | None:
+    """What a checkpoint renamed ``.safetensors`` holds, from its first bytes (it is never unpickled): a zip archive
+    (``torch.save`` since PyTorch 1.6) or a bare pickle (protocol 2 or later, older ``.ckpt`` files); else ``None``."""
+    try:
+        with open(path, "rb") as handle:
+            start = handle.read(2)
+    except OSError:
+        return None
+    if start == b"PK":
+        return "a zip archive (what torch.save writes)"
+    if len(start) == 2 and start[0] == 0x80 and 2 <= start[1] <= 5:
+        return "a pickle"
+    return None
 
 
 def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """The tensors and the string header of a ``.safetensors`` file.
 
     Raises:
-        AdapterFileError: the file is missing, truncated or not safetensors; one line naming the file.
+        AdapterFileError: the file is missing, truncated or not safetensors (a pickle renamed is named as one); one
+            line naming the file.
     """
     try:
         with safe_open(str(path), framework="pt", device="cpu") as handle:
             header = handle.metadata() or {}
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}
     except Exception as error:  # safetensors raises its own error types and OSError for truncated/corrupt files
+        pickled = _pickle_kind(path)
+        if pickled:
+            raise AdapterFileError(
+                f"{path}: holds {pickled}, not safetensors; pickles are refused (loading one can run code)"
+            ) from None
         raise AdapterFileError(f"{path}: not a readable safetensors file ({first_line(error)})") from None
     return tensors, header
 
 
 def require_factors(source: str, module_key: str, parts: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(down, up)`` of one module from the tensors a file holds for it, checked: down is rank × in, up is
-    out × rank, and rank > 0.
+    """``(down, up)`` of one module from the tensors a file holds for it: both present, down rank × in and up
+    out × rank, so that a dialect may read the rank off them. Their values are checked where every dialect's result
+    is (:meth:`~difflora.adapter.AdapterState.problem`).
 
     Raises:
         AdapterFileError: a factor is missing or the shapes do not fit.
@@ -39,12 +62,24 @@ def require_factors(source: str, module_key: str, parts: dict[str, torch.Tensor]
         missing = "up" if "down" in parts else "down"
         raise AdapterFileError(f"{source}: module {module_key!r} has no {missing} factor")
     down, up = parts["down"], parts["up"]
-    if down.ndim != 2 or up.ndim != 2 or up.shape[1] != down.shape[0] or down.shape[0] == 0:
-        raise AdapterFileError(
-            f"{source}: module {module_key!r} has factors of shapes {tuple(down.shape)} and {tuple(up.shape)}, "
-            "expected down (rank × in) and up (out × rank)"
-        )
+    problem = factor_shape_problem(down, up)
+    if problem:
+        raise AdapterFileError(f"{source}: module {module_key!r} {problem}")
     return down, up
+
+
+def alpha_value(source: str, module_key: str, tensor: torch.Tensor) -> float:
+    """The number an ``.alpha`` key holds (a 0-d or one-element tensor; its range is checked with the factors).
+
+    Raises:
+        AdapterFileError: the tensor holds no single real number.
+    """
+    if tensor.numel() != 1 or tensor.is_complex():
+        raise AdapterFileError(
+            f"{source}: module {module_key!r} has an alpha of shape {tuple(tensor.shape)} and type {tensor.dtype}, "
+            "expected one number"
+        )
+    return float(tensor.item())
 
 
 def file_module_path(component: str, path: str) -> str:

@@ -22,7 +22,7 @@ from ..adapter import AdapterState, LoRAModuleWeights
 from ..errors import AdapterFileError
 from ..keys import COMPONENTS, split_module_key
 from . import legacy
-from ._common import file_module_path, require_factors
+from ._common import alpha_value, file_module_path, require_factors
 
 __all__ = [
     "DIFFUSERS",
@@ -96,35 +96,59 @@ def _classify(key: str) -> tuple[str, str, str] | None:
     return None
 
 
-def _diffusers_alpha(config: dict, path: str, rank: int) -> tuple[float, bool] | None:
-    """Alpha and rsLoRA flag of one module from a diffusers/PEFT LoraConfig dict, as PEFT itself resolves them."""
+def _diffusers_alpha(config: dict, module_key: str, rank: int, source: str) -> tuple[float, bool] | None:
+    """Alpha and rsLoRA flag of one module from a diffusers/PEFT LoraConfig dict, as PEFT itself resolves them.
+
+    Raises:
+        AdapterFileError: an ``alpha_pattern`` that is not a mapping of regular expressions, or an alpha that is not a
+            number (its range is checked with the factors).
+    """
     from peft.utils.other import get_pattern_key
 
     if not config:
         return None
     alpha_pattern = config.get("alpha_pattern") or {}
     alpha = config.get("lora_alpha")
-    if alpha_pattern:
-        # Text-encoder patterns written with transformers 4 carry the `text_model.` prefix our paths drop.
-        for candidate in (path, f"text_model.{path}"):
+    if not isinstance(alpha_pattern, dict):
+        raise AdapterFileError(
+            f"{source}: LoraConfig alpha_pattern is a {type(alpha_pattern).__name__}, not a mapping of patterns"
+        )
+    path = module_key.partition(".")[2]
+    # Text-encoder patterns written with transformers 4 carry the `text_model.` prefix our paths drop.
+    for candidate in (path, f"text_model.{path}") if alpha_pattern else ():
+        try:
             pattern = get_pattern_key(list(alpha_pattern), candidate)
-            if pattern in alpha_pattern:
-                alpha = alpha_pattern[pattern]
-                break
+        except re.error as error:
+            raise AdapterFileError(
+                f"{source}: LoraConfig alpha_pattern has a key that is not a regular expression ({error})"
+            ) from None
+        if pattern in alpha_pattern:
+            alpha = alpha_pattern[pattern]
+            break
     if alpha is None:
         alpha = rank
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+        raise AdapterFileError(f"{source}: module {module_key!r} has LoraConfig alpha {alpha!r:.40}, not a number")
     return float(alpha), bool(config.get("use_rslora", False))
 
 
-def _component_configs(header: dict[str, str]) -> dict[str, dict]:
-    """Per-component LoraConfig dicts from diffusers' ``lora_adapter_metadata`` header entry."""
+def _component_configs(header: dict[str, str], source: str) -> dict[str, dict]:
+    """Per-component LoraConfig dicts from diffusers' ``lora_adapter_metadata`` header entry.
+
+    Raises:
+        AdapterFileError: the entry is not a JSON object; one line naming ``source``.
+    """
     raw = header.get(DIFFUSERS_METADATA_KEY)
     if not raw:
         return {}
     try:
         flat = json.loads(raw)
     except json.JSONDecodeError as error:
-        raise AdapterFileError(f"header entry {DIFFUSERS_METADATA_KEY!r} is not JSON ({error})") from None
+        raise AdapterFileError(f"{source}: header entry {DIFFUSERS_METADATA_KEY!r} is not JSON ({error})") from None
+    if not isinstance(flat, dict):
+        raise AdapterFileError(
+            f"{source}: header entry {DIFFUSERS_METADATA_KEY!r} is not a JSON object (got {type(flat).__name__})"
+        )
     configs: dict[str, dict] = collections.defaultdict(dict)
     for key, value in flat.items():
         component, _, option = key.partition(".")
@@ -143,7 +167,7 @@ class _SortedKeys:
     skipped: list[str] = field(default_factory=list)
 
 
-def _sort_keys(tensors: dict[str, torch.Tensor]) -> _SortedKeys:
+def _sort_keys(tensors: dict[str, torch.Tensor], source: str) -> _SortedKeys:
     keys = _SortedKeys()
     for key, tensor in tensors.items():
         classified = _classify(key)
@@ -152,7 +176,7 @@ def _sort_keys(tensors: dict[str, torch.Tensor]) -> _SortedKeys:
             continue
         module_key, format_name, factor = classified
         if factor == "alpha":
-            keys.alphas[module_key] = float(tensor.item())
+            keys.alphas[module_key] = alpha_value(source, module_key, tensor)
             continue
         try:
             split_module_key(module_key)
@@ -169,23 +193,24 @@ def read_state_dict(tensors: dict[str, torch.Tensor], header: dict[str, str], so
 
     Raises:
         AdapterFileError: no key in a spelling difflora reads, a module without its up or down factor, factors whose
-            shapes do not fit, or a ``lora_adapter_metadata`` header entry that is not JSON.
+            shapes do not fit, an alpha that is not one number, or a ``lora_adapter_metadata`` header entry that is
+            not a JSON object (or holds a LoraConfig difflora cannot read).
     """
-    keys = _sort_keys(tensors)
+    keys = _sort_keys(tensors, source)
     if not keys.factors:
         first = next(iter(tensors), "none")
         raise AdapterFileError(f"{source}: no LoRA keys in a format difflora reads (first key: {first!r})")
-    configs = _component_configs(header)
+    configs = _component_configs(header, source)
     modules: dict[str, LoRAModuleWeights] = {}
     for module_key in sorted(keys.factors):
         down, up = require_factors(source, module_key, keys.factors[module_key])
         rank = down.shape[0]
-        component, _, path = module_key.partition(".")
+        component = module_key.partition(".")[0]
         use_rslora = False
         if module_key in keys.alphas:
             alpha = keys.alphas[module_key]
         else:
-            resolved = _diffusers_alpha(configs.get(component, {}), path, rank)
+            resolved = _diffusers_alpha(configs.get(component, {}), module_key, rank, source)
             alpha, use_rslora = resolved if resolved else (float(rank), False)
         modules[module_key] = LoRAModuleWeights(down=down, up=up, alpha=alpha, use_rslora=use_rslora)
 

@@ -19,7 +19,7 @@ import torch
 
 from ..adapter import AdapterState, LoRAModuleWeights
 from ..errors import AdapterFileError
-from ._common import file_module_path, require_factors
+from ._common import alpha_value, file_module_path, require_factors
 
 __all__ = ["KOHYA", "claims", "file_contents", "kohya_metadata", "read_state_dict", "to_kohya_state_dict"]
 
@@ -93,7 +93,8 @@ def read_state_dict(tensors: dict[str, torch.Tensor], header: dict[str, str], so
     as metadata.
 
     Raises:
-        AdapterFileError: a module without its up or down factor, factors whose shapes do not fit, or no attention
+        AdapterFileError: a module without its up or down factor, factors whose shapes do not fit (an attention
+            projection is a linear map: its factors are matrices), an alpha that is not one number, or no attention
             module difflora can apply.
     """
     factors: dict[str, dict[str, torch.Tensor]] = collections.defaultdict(dict)
@@ -101,15 +102,15 @@ def read_state_dict(tensors: dict[str, torch.Tensor], header: dict[str, str], so
     for key, tensor in tensors.items():
         match = _KEY.match(key)
         module_key = _module_key(match.group(1), match.group(2)) if match else None
-        if module_key is None or (match.group(3) != "alpha" and tensor.ndim != 2):
-            skipped.append(key)  # conv LoRA (4-D), LoHa/LoKr, feed-forward and projection modules
+        if module_key is None:
+            skipped.append(key)  # conv LoRA, LoHa/LoKr, feed-forward and projection modules
             continue
         factors[module_key][_FACTOR[match.group(3)]] = tensor
     modules = {}
     for module_key in sorted(factors):
         parts = factors[module_key]
         down, up = require_factors(source, module_key, parts)
-        alpha = float(parts["alpha"].item()) if "alpha" in parts else float(down.shape[0])
+        alpha = alpha_value(source, module_key, parts["alpha"]) if "alpha" in parts else float(down.shape[0])
         modules[module_key] = LoRAModuleWeights(down=down, up=up, alpha=alpha)
     if not modules:
         raise AdapterFileError(

@@ -51,9 +51,11 @@ def _read_one(folder: Path, component: str | None = None) -> AdapterState:
     """One PEFT adapter folder; its LoraConfig goes to the diffusers reader as the header entry diffusers writes."""
     config_path = folder / PEFT_CONFIG_FILE
     try:
-        config = json.loads(config_path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:  # ValueError: not JSON, or not UTF-8 text
         raise AdapterFileError(f"{config_path}: not a readable PEFT config ({first_line(error)})") from None
+    if not isinstance(config, dict):
+        raise AdapterFileError(f"{config_path}: not a PEFT config (a JSON object), got a {type(config).__name__}")
     if str(config.get("peft_type", "LORA")).upper() != "LORA":
         raise AdapterFileError(f"{config_path}: peft_type {config.get('peft_type')!r} is not LORA")
     weights_path = folder / PEFT_WEIGHTS_FILE
