@@ -47,7 +47,8 @@ def option_strings(parser: argparse.ArgumentParser) -> set[str]:
     return {option for action in parser._actions for option in action.option_strings}
 
 
-_IDENTIFIER = re.compile(r"\b[a-z][a-z0-9]*(?:_[a-z0-9]+)+\b")
+# A parameter written with underscores as a word of its own: not part of a path, a file name or a quoted key.
+_IDENTIFIER = re.compile(r"(?<![^\s(])[a-z][a-z0-9]*(?:_[a-z0-9]+)+(?=$|[\s,;:)]|\.(?:\s|$))")
 
 
 def error_line(error: DiffloraError, flags: Collection[str] = ()) -> str:

@@ -21,6 +21,7 @@ import torch
 from .adapter import AdapterState, LoRAModuleWeights
 from .blocks import BlockWeights
 from .errors import InvalidArgumentError, finite_number
+from .lora import adapter_weight
 
 __all__ = ["BLEND_METHODS", "BlendResult", "blend", "scale_adapter", "resize_adapter", "low_rank_approximation"]
 
@@ -87,7 +88,7 @@ def _check_options(adapters: list[tuple[AdapterState, float]], method: str, rank
         raise InvalidArgumentError("adapters must hold at least one (adapter, weight) pair, got none",
                                    parameter="adapters")
     for index, (_, weight) in enumerate(adapters):
-        finite_number(weight, f"adapters: the weight of adapter {index + 1}", parameter="adapters")
+        adapter_weight(weight, f"adapters: the weight of adapter {index + 1}", parameter="adapters")
     if method not in BLEND_METHODS:
         raise InvalidArgumentError(f"method {method!r} is not one of {', '.join(BLEND_METHODS)}", parameter="method")
     if method != "concat" and (rank is None or rank <= 0):
@@ -161,7 +162,7 @@ def _merge_full(adapters, module_key: str, method: str, rank: int, density: floa
 def scale_adapter(state: AdapterState, weight: float = 1.0, block_weights: BlockWeights | None = None) -> AdapterState:
     """The adapter with every module's ``up`` multiplied by ``weight`` × its block weight: a file that behaves at
     weight 1 as the original did at that weight."""
-    weight = finite_number(weight, "weight", parameter="weight")
+    weight = adapter_weight(weight)
     block_weights = block_weights or BlockWeights()
     modules = {}
     for module_key, module in state.modules.items():

@@ -2,16 +2,26 @@
 
 Written as ``down=0.5,mid=1,up=0`` (a whole part), ``up.1=0.3`` (one block index; it wins over its part) and
 ``te=1`` / ``text_encoder=1`` (every text encoder), like AUTOMATIC1111's lora-block-weight extension.
+
+Every value is a finite number in [-100, 100]; a per-block name must be a block of the model it is used on
+(:meth:`BlockWeights.check_blocks`, with the blocks from :func:`unet_blocks`).
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 
-from .errors import InvalidArgumentError, finite_number
+from .errors import InvalidArgumentError
 
-__all__ = ["BlockWeights", "block_of"]
+__all__ = ["MAX_BLOCK_WEIGHT", "BlockWeights", "block_of", "describe_blocks", "unet_blocks"]
+
+# A block weight multiplies an adapter's weight (itself within ±100) in part of the model. Users write 0, 0.5, 1
+# and now and then 2 or -1; ±100 leaves every deliberate value in and keeps typos such as 1e38 or nan out. What a
+# weight × block weight does to a half-precision layer is checked on the model (MultiLoRA.check_range).
+MAX_BLOCK_WEIGHT = 100.0
+_PER_BLOCK = re.compile(r"(down|up)\.\d+")
 
 _UNET_BLOCK = re.compile(r"^(down_blocks|up_blocks)\.(\d+)\.|^(mid_block)\.")
 
@@ -28,6 +38,46 @@ def block_of(component: str, path: str) -> tuple[str, int | None]:
     return ("down" if match.group(1) == "down_blocks" else "up"), int(match.group(2))
 
 
+def unet_blocks(module_paths: Iterable[tuple[str, str]]) -> set[str]:
+    """The per-block names (``down.0``, ``up.2``) that ``(component, path)`` pairs sit in: the blocks of a model
+    (from its attention blocks' paths) or of an adapter (from its modules')."""
+    found = set()
+    for component, path in module_paths:
+        kind, index = block_of(component, path)
+        if index is not None:
+            found.add(f"{kind}.{index}")
+    return found
+
+
+def describe_blocks(blocks: Collection[str]) -> str:
+    """``down.0–down.1, up.0–up.2`` (runs of consecutive indices), or ``none``."""
+    runs = []
+    for kind in ("down", "up"):
+        indices = sorted(int(name.split(".")[1]) for name in blocks if name.startswith(kind + "."))
+        start = previous = None
+        for index in [*indices, None]:
+            if start is not None and index != previous + 1:
+                runs.append(f"{kind}.{start}" if start == previous else f"{kind}.{start}–{kind}.{previous}")
+                start = None
+            if start is None:
+                start = index
+            previous = index
+    return ", ".join(runs) or "none"
+
+
+def _block_weight(value, what: str) -> float:
+    """``value`` as a block weight, or :class:`InvalidArgumentError` (``block_weights``) naming ``what``."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise InvalidArgumentError(f"{what} must be a number, got {value!r}", "block_weights") from None
+    if not -MAX_BLOCK_WEIGHT <= number <= MAX_BLOCK_WEIGHT:  # NaN fails every comparison
+        raise InvalidArgumentError(
+            f"{what} must be a finite number in [{-MAX_BLOCK_WEIGHT:g}, {MAX_BLOCK_WEIGHT:g}], got {number!r}",
+            "block_weights")
+    return number
+
+
 @dataclass(frozen=True)
 class BlockWeights:
     """Multipliers per part of the model, applied on top of an adapter's weight. 1.0 everywhere leaves it as it is."""
@@ -37,6 +87,26 @@ class BlockWeights:
     up: float = 1.0
     text_encoder: float = 1.0
     per_block: dict[str, float] = field(default_factory=dict)  # "down.0", "up.2", ...
+
+    def __post_init__(self) -> None:
+        for part in ("down", "mid", "up", "text_encoder"):
+            object.__setattr__(self, part, _block_weight(getattr(self, part), f"block_weights: {part}"))
+        for key in self.per_block:
+            if not isinstance(key, str) or not _PER_BLOCK.fullmatch(key):
+                raise InvalidArgumentError(f"block_weights: unknown block {key!r}; use down.N or up.N",
+                                           "block_weights")
+        checked = {key: _block_weight(value, f"block_weights: {key}") for key, value in self.per_block.items()}
+        object.__setattr__(self, "per_block", checked)
+
+    def check_blocks(self, available: Collection[str], holder: str = "the model") -> None:
+        """Refuse per-block names not in ``available`` (:func:`unet_blocks` of a model or an adapter; ``holder``
+        says which), naming the blocks there are; :class:`InvalidArgumentError` (``block_weights``). Unchecked, a
+        name that matches nothing would be silently ignored."""
+        unknown = sorted(set(self.per_block) - set(available))
+        if unknown:
+            raise InvalidArgumentError(
+                f"block_weights: {', '.join(unknown)}: {holder} has no such block (its blocks: "
+                f"{describe_blocks(available)})", "block_weights")
 
     def factor(self, component: str, path: str) -> float:
         kind, index = block_of(component, path)
@@ -53,7 +123,7 @@ class BlockWeights:
         )
 
     @classmethod
-    def parse(cls, text: str, option: str = "block weights") -> BlockWeights:
+    def parse(cls, text: str, option: str = "block_weights") -> BlockWeights:
         """Parse ``down=0.5,mid=1,up=0,up.1=0.3,te=1``; raises :class:`InvalidArgumentError` naming ``option`` (what the
         caller calls the text: a flag, a form field) and the bad item."""
         parts: dict[str, float] = {}
@@ -62,17 +132,19 @@ class BlockWeights:
             key, separator, value_text = item.partition("=")
             key = key.strip().lower()
             if not separator:
-                raise InvalidArgumentError(f"{option}: {item!r} is not NAME=NUMBER (e.g. down=0.5,mid=1,up.1=0)")
-            value = finite_number(value_text.strip(), f"{option}: {key}")
+                raise InvalidArgumentError(f"{option}: {item!r} is not NAME=NUMBER (e.g. down=0.5,mid=1,up.1=0)",
+                                           "block_weights")
+            value = _block_weight(value_text.strip(), f"{option}: {key}")
             if key in ("te", "text", "text_encoder"):
                 parts["text_encoder"] = value
             elif key in ("down", "mid", "up"):
                 parts[key] = value
-            elif re.fullmatch(r"(down|up)\.\d+", key):
-                per_block[key] = value
+            elif _PER_BLOCK.fullmatch(key):
+                kind, _, index = key.partition(".")
+                per_block[f"{kind}.{int(index)}"] = value  # up.01 is up.1, as block_of names it
             else:
                 raise InvalidArgumentError(
-                    f"{option}: unknown block {key!r}; use down, mid, up, down.N, up.N or te"
+                    f"{option}: unknown block {key!r}; use down, mid, up, down.N, up.N or te", "block_weights"
                 )
         return cls(**parts, per_block=per_block)
 

@@ -1,6 +1,7 @@
 """The ``difflora`` command line. Each sub-command opens its files here and calls the library.
 
-Bad input ends in one line ``difflora: error: <what and where>`` and exit code 2.
+Bad input ends in one line ``difflora: error: <what and where>`` and exit code 2. Every command that writes checks
+its output path first (:func:`~difflora._files.check_output`), before it reads an input or loads a model.
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ._entry import OneLineErrorParser, add_model_options, quiet_libraries, run_main
-from .errors import InvalidArgumentError, finite_number
-from .keys import adapter_name_from_path
+from ._files import check_output
+from .errors import InvalidArgumentError
+from .keys import PICKLE_SUFFIXES, adapter_name_from_path
 
 __all__ = ["main", "parse_lora_spec", "LoRASpec"]
 
@@ -25,19 +27,28 @@ class LoRASpec:
 
 
 def parse_lora_spec(text: str, option: str = "--lora") -> LoRASpec:
-    """``FILE`` or ``FILE:WEIGHT`` (weight any float, negative included). A path that exists as given wins."""
+    """``FILE`` or ``FILE:WEIGHT`` (weight in [-100, 100], negative included). A path that exists as given wins."""
+    from .lora import adapter_weight
+
     if Path(text).exists() or ":" not in text:
         return LoRASpec(Path(text))
     path_text, _, weight_text = text.rpartition(":")
-    return LoRASpec(Path(path_text), finite_number(weight_text, f"{option} {text}: weight"))
+    return LoRASpec(Path(path_text), adapter_weight(weight_text, f"{option} {text}: weight", parameter=None))
+
+
+def _output(path: str, kind: str = "file", *, suffixes: tuple[str, ...] = (".safetensors",), new: bool = False,
+            parameter: str = "out") -> Path:
+    """The command's output path, checked before any work (pickle suffixes refused everywhere)."""
+    return check_output(path, kind, suffixes=suffixes if kind == "file" else (), pickle_suffixes=PICKLE_SUFFIXES,
+                        new=new, parameter=parameter)
 
 
 def _cmd_init_model(args: argparse.Namespace) -> int:
     from .tiny_model import build_tiny_model
 
-    output = Path(args.dir)
-    if output.exists() and any(output.iterdir()):
-        raise InvalidArgumentError(f"init-model: {output} exists and is not empty; give a new folder")
+    output = _output(args.dir, "folder", new=True, parameter="dir")
+    if not 0 <= args.seed < 2**63:
+        raise InvalidArgumentError(f"seed must be an integer in [0, 2**63 - 1], got {args.seed}", "seed")
     build_tiny_model(output, seed=args.seed)
     print(f"wrote the embedded tiny Stable Diffusion to {output}")
     return 0
@@ -49,22 +60,21 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from .runtime import LoRARuntime
     from .blocks import BlockWeights
 
+    output = _output(args.out, suffixes=(".png",))
     specs = [parse_lora_spec(text) for text in args.lora]
-    block_weights = BlockWeights.parse(args.block_weights, "--block-weights") if args.block_weights else None
+    block_weights = BlockWeights.parse(args.block_weights, "block_weights") if args.block_weights else None
     settings = GenerationSettings(
         prompt=args.prompt,
         negative_prompt=args.negative_prompt,
         steps=args.steps,
         guidance=args.guidance,
         seed=args.seed,
-        width=args.width or 8,  # the model's native size once it is loaded; 8 only to validate the rest first
-        height=args.height or 8,
+        # Unset: the model's native size once it is loaded; 8 only to validate the rest first. A given 0 is checked.
+        width=8 if args.width is None else args.width,
+        height=8 if args.height is None else args.height,
         num_images=args.num_images,
     )
     settings.validate()
-    output = Path(args.out)
-    if output.suffix.lower() != ".png":
-        raise InvalidArgumentError(f"--out {output}: images are written as PNG; give a path ending in .png")
     # Read every adapter before the model loads, so a bad file fails fast.
     from .formats import read_adapter
 
@@ -74,7 +84,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         args.model, device=device, dtype=resolve_dtype(args.dtype, device), model_config=args.model_config
     )
     native_size = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    settings.width, settings.height = args.width or native_size, args.height or native_size
+    settings.width = native_size if args.width is None else args.width
+    settings.height = native_size if args.height is None else args.height
     runtime = LoRARuntime.attach(pipe)
     uses = []
     for index, (spec, state) in enumerate(states):
@@ -85,7 +96,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         uses.append(AdapterUse(name, spec.weight, str(spec.path), str(block_weights) if block_weights else None))
     if args.fuse and uses:
         runtime.fuse()
-    images = generate(pipe, settings)
+    images = generate(pipe, settings)  # refuses a mix the model's dtype cannot hold before the first step
     written = []
     for index, image in enumerate(images):
         path = output if len(images) == 1 else output.with_name(f"{output.stem}-{index}{output.suffix}")
@@ -116,15 +127,16 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 def _cmd_convert(args: argparse.Namespace) -> int:
     from .formats import read_adapter, write_adapter
 
+    output = _output(args.out, "folder", new=True) if args.to == "peft" else _output(args.out)
     state = read_adapter(args.input)
     if state.skipped and args.strict:
         raise InvalidArgumentError(f"strict: {args.input} holds {state.skipped_summary()}", "strict")
     if args.to == "peft":
         from .formats import write_peft_folder
 
-        write_peft_folder(state, args.out)
+        write_peft_folder(state, output)
     else:
-        write_adapter(state, args.out, layout=args.to)
+        write_adapter(state, output, layout=args.to)
     if state.skipped:
         print(f"not carried over: {state.skipped_summary(limit=10)}", file=sys.stderr)
     print(args.out)
@@ -142,11 +154,12 @@ def _cmd_blend(args: argparse.Namespace) -> int:
     from .blend import blend
     from .formats import read_adapter, write_adapter
 
+    output = _output(args.out)
     specs = [parse_lora_spec(text, option="blend") for text in args.adapters]
     adapters = [(read_adapter(spec.path), spec.weight) for spec in specs]
     result = blend(adapters, method=args.method, rank=args.rank, density=args.density)
     sources = ", ".join(f"{spec.path.name}:{spec.weight:g}" for spec in specs)
-    write_adapter(result.state, args.out, {"difflora.blend_sources": sources}, layout=args.format)
+    write_adapter(result.state, output, {"difflora.blend_sources": sources}, layout=args.format)
     _report_errors(result.relative_errors)
     print(args.out)
     return 0
@@ -154,12 +167,18 @@ def _cmd_blend(args: argparse.Namespace) -> int:
 
 def _cmd_scale(args: argparse.Namespace) -> int:
     from .blend import scale_adapter
-    from .blocks import BlockWeights
+    from .blocks import BlockWeights, unet_blocks
     from .formats import read_adapter, write_adapter
+    from .lora import adapter_weight
 
-    block_weights = BlockWeights.parse(args.block_weights, "--block-weights") if args.block_weights else None
-    state = scale_adapter(read_adapter(args.input), args.weight, block_weights)
-    write_adapter(state, args.out, layout=args.format)
+    output = _output(args.out)
+    weight = adapter_weight(args.weight)
+    block_weights = BlockWeights.parse(args.block_weights, "block_weights") if args.block_weights else None
+    adapter = read_adapter(args.input)
+    if block_weights is not None:  # no model here: a block none of the adapter's modules sits in is a typo
+        block_weights.check_blocks(unet_blocks(key.split(".", 1) for key in adapter.modules), "the adapter")
+    state = scale_adapter(adapter, weight, block_weights)
+    write_adapter(state, output, layout=args.format)
     print(args.out)
     return 0
 
@@ -168,8 +187,9 @@ def _cmd_resize(args: argparse.Namespace) -> int:
     from .blend import resize_adapter
     from .formats import read_adapter, write_adapter
 
+    output = _output(args.out)
     result = resize_adapter(read_adapter(args.input), rank=args.rank, energy=args.energy)
-    write_adapter(result.state, args.out, layout=args.format)
+    write_adapter(result.state, output, layout=args.format)
     _report_errors(result.relative_errors)
     print(args.out)
     return 0
@@ -181,10 +201,8 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     from .pipelines import load_pipeline, resolve_device, resolve_dtype
     from .runtime import LoRARuntime
 
-    output = Path(args.out)
-    single_file = output.suffix.lower() == ".safetensors"
-    if output.exists() and (single_file or not output.is_dir() or any(output.iterdir())):
-        raise InvalidArgumentError(f"--out {output}: exists; give a new path for the merged model")
+    single_file = Path(args.out).suffix.lower() == ".safetensors"
+    output = _output(args.out, "file" if single_file else "folder", new=True)
     specs = [parse_lora_spec(text) for text in args.lora]
     if not specs:
         raise InvalidArgumentError("merge needs at least one --lora FILE[:WEIGHT]")

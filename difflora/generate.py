@@ -12,8 +12,21 @@ from PIL import Image, PngImagePlugin
 
 from ._files import atomic_path
 from .errors import InvalidArgumentError
+from .runtime import LoRARuntime
 
 __all__ = ["GenerationSettings", "generate", "save_png", "a1111_parameters"]
+
+
+# The ranges of the settings. Steps: schedulers are trained on 1000 timesteps, and several refuse more inference steps
+# than that. Guidance: images are made at 1–15; far beyond, classifier-free guidance only pushes pixels to saturate,
+# and 100 keeps every deliberate value. Sizes: 4096 px a side is past what SD 1.x/2.x/XL are used at (and than a GPU
+# holds for them); smaller than 8 px is no image. Images per call: a batch; more is a loop. Seeds: what
+# torch.Generator.manual_seed takes as a signed 64-bit number.
+MAX_STEPS = 1000
+MAX_GUIDANCE = 100.0
+MAX_SIZE = 4096
+MAX_IMAGES = 64
+SEED_LIMIT = 2**63
 
 
 @dataclass
@@ -33,17 +46,28 @@ class GenerationSettings:
     num_images: int = 1
 
     def validate(self) -> None:
-        """Raise :class:`InvalidArgumentError` naming the field when a value cannot be used."""
-        for name in ("steps", "num_images"):
+        """Raise :class:`InvalidArgumentError` naming the field and its range when a value cannot be used."""
+        for name in ("prompt", "negative_prompt"):
+            if not isinstance(getattr(self, name), str):
+                raise InvalidArgumentError(f"{name} must be text, got {getattr(self, name)!r}", name)
+        for name, high in (("steps", MAX_STEPS), ("num_images", MAX_IMAGES)):
             value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise InvalidArgumentError(f"{name} must be a positive integer, got {value!r}", name)
+            if not _is_integer(value) or not 1 <= value <= high:
+                raise InvalidArgumentError(f"{name} must be an integer in [1, {high}], got {value!r}", name)
         for name in ("width", "height"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0 or value % 8:
-                raise InvalidArgumentError(f"{name} must be a positive multiple of 8, got {value!r}", name)
-        if not isinstance(self.seed, int) or self.seed < 0:
-            raise InvalidArgumentError(f"seed must be a non-negative integer, got {self.seed!r}", "seed")
+            if not _is_integer(value) or not 8 <= value <= MAX_SIZE or value % 8:
+                raise InvalidArgumentError(f"{name} must be a multiple of 8 in [8, {MAX_SIZE}], got {value!r}", name)
+        if not _is_integer(self.seed) or not 0 <= self.seed < SEED_LIMIT:
+            raise InvalidArgumentError(f"seed must be an integer in [0, 2**63 - 1], got {self.seed!r}", "seed")
+        guidance = self.guidance
+        if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not 0 <= guidance <= MAX_GUIDANCE:
+            raise InvalidArgumentError(
+                f"guidance must be a finite number in [0, {MAX_GUIDANCE:g}], got {guidance!r}", "guidance")
+
+
+def _is_integer(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass
@@ -63,6 +87,10 @@ def generate(pipe, settings: GenerationSettings, *, output_type: str = "pil", ca
     ``callback(step, total_steps)`` is called after every denoising step (for progress bars).
     """
     settings.validate()
+    # A mix the model's dtype cannot hold is refused before any step runs, not found as a black image.
+    runtime = LoRARuntime.of(pipe)
+    if runtime is not None:
+        runtime.check_mix()
     vae_scale = getattr(pipe, "vae_scale_factor", 8)
     for name in ("width", "height"):
         value = getattr(settings, name)

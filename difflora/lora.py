@@ -13,6 +13,10 @@ and several adapters, each with a multiplier ``m`` (the user's weight times any 
 
 ``W x + Σ m s B A x`` can be computed two ways with the same result: factored (two rank-wide matmuls over every token)
 or merged (``(W + Σ m s B A) x``, one matmul with a weight built per call). :func:`merged_form_is_cheaper` picks one.
+
+Two limits keep a mix from making an all-black image: a user's weight lies in [-100, 100] (:func:`adapter_weight`),
+and :meth:`MultiLoRA.check_range` refuses a mix whose ``m · s · B A`` does not fit the layer's dtype (fp16 holds
+65504), naming the adapter and the module, before a forward pass or a fuse uses it.
 """
 
 from __future__ import annotations
@@ -25,18 +29,41 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules import module as _module_globals
 
-from .errors import FuseError, InvalidArgumentError
+from .errors import DiffloraError, FuseError, InvalidArgumentError
 
 __all__ = [
+    "MAX_ADAPTER_WEIGHT",
     "ActiveAdapter",
     "AdapterDict",
     "LoRAFactors",
     "MultiLoRA",
+    "adapter_weight",
     "initial_down",
     "initial_factors",
     "lora_scale",
     "merged_form_is_cheaper",
 ]
+
+
+# Useful adapter weights lie within about ±2 (a few styles are pushed to ±5); far beyond, no adapter gives a usable
+# image, and a typo such as 1e38 reached the maths as an all-black image. ±100 leaves every deliberate use in and
+# keeps such numbers out. A weight inside the range can still overflow a half-precision layer when the factors are
+# large: MultiLoRA.check_range refuses that, naming the module.
+MAX_ADAPTER_WEIGHT = 100.0
+
+
+def adapter_weight(value, what: str = "weight", parameter: str | None = "weight") -> float:
+    """``value`` as an adapter's weight: a finite number in [-100, 100] (:data:`MAX_ADAPTER_WEIGHT`), or
+    :class:`InvalidArgumentError` naming ``what`` (an option, a form field) and the range."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise InvalidArgumentError(f"{what} must be a number, got {value!r}", parameter) from None
+    if not -MAX_ADAPTER_WEIGHT <= number <= MAX_ADAPTER_WEIGHT:  # NaN fails every comparison
+        raise InvalidArgumentError(
+            f"{what} must be a finite number in [{-MAX_ADAPTER_WEIGHT:g}, {MAX_ADAPTER_WEIGHT:g}], got {number!r}",
+            parameter)
+    return number
 
 
 def lora_scale(rank: int, alpha: float, use_rslora: bool = False) -> float:
@@ -164,6 +191,7 @@ class LoRAFactors(nn.Module):
         self.use_rslora = use_rslora
         self.down = nn.Parameter(torch.empty(rank, in_features, dtype=dtype, device=device))
         self.up = nn.Parameter(torch.zeros(out_features, rank, dtype=dtype, device=device))
+        self._largest: dict[str, object] = {}  # largest_entries' numbers and the factor versions they hold for
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -207,6 +235,27 @@ class LoRAFactors(nn.Module):
     def delta_weight(self) -> torch.Tensor:
         """``scale · up @ down`` in fp32, shape (out_features, in_features)."""
         return (self.up.float() @ self.down.float()) * self.scale
+
+    def largest_entries(self, exact: bool = False) -> tuple[float, float]:
+        """``(max |s·B A|, max |s·B|)``, what this adapter adds to its layer at multiplier 1 and its scaled ``up``
+        (the factor the stacked form casts to the layer's dtype).
+
+        Without ``exact`` the first is an upper bound that costs no product: ``|(B A)_ij| ≤ ‖B_i‖ ‖A_:j‖``
+        (Cauchy–Schwarz), computed in fp64. With ``exact`` it is the maximum of :meth:`delta_weight` (fp32, as a
+        fuse computes it; inf when that overflows). Both are cached until a factor changes in place.
+        """
+        key = (self.down._version, self.up._version, self.scale)
+        if self._largest.get("key") != key:
+            self._largest = {"key": key}  # older versions are never asked for again
+        found = self._largest
+        with torch.no_grad():
+            if "up" not in found:
+                up, down, scale = self.up.detach().double(), self.down.detach().double(), abs(self.scale)
+                found["up"] = float(up.abs().max()) * scale
+                found["bound"] = float(up.norm(dim=1).max() * down.norm(dim=0).max()) * scale
+            if exact and "change" not in found:
+                found["change"] = float(self.delta_weight().detach().abs().max())
+        return (found["change"] if exact else found["bound"]), found["up"]
 
     def forward(self, x: torch.Tensor, multiplier: float = 1.0) -> torch.Tensor:
         """``multiplier · scale · B A x`` for ``x`` of shape (..., in_features).
@@ -267,17 +316,22 @@ class MultiLoRA(nn.Module):
 
     :meth:`fuse` writes ``W + Σ m s B A`` (computed in fp32, cast once) into the base layer and keeps the original
     weight, so :meth:`unfuse` restores it bit-exactly however many times it is done.
+
+    Before a forward pass without gradients and before a fuse, :meth:`check_range` refuses a mix that the layer's
+    dtype cannot hold; ``module`` (the module key, e.g. ``unet.….attn1.to_q``) names the layer in its message.
     """
 
-    def __init__(self, in_features: int, out_features: int) -> None:
+    def __init__(self, in_features: int, out_features: int, module: str = "") -> None:
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
+        self.module = module
         self.adapters = AdapterDict()
         self.multipliers: dict[str, float] = {}
         self.fused = False
         self._stack_key: tuple | None = None
         self._stack: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._checked_key: tuple | None = None
 
     # ----- adapters -------------------------------------------------------------------------------------------
     def add(self, name: str, factors: LoRAFactors, multiplier: float = 1.0) -> None:
@@ -307,6 +361,44 @@ class MultiLoRA(nn.Module):
             if self.multipliers.get(name, 0.0) != 0.0
         ]
 
+    # ----- the range check ------------------------------------------------------------------------------------
+    @staticmethod
+    def _mix_key(active: list[ActiveAdapter]) -> tuple:
+        # Parameter._version changes on every in-place update (optimizer steps, load_state_dict), so a key built
+        # from it never matches a changed factor.
+        return tuple(
+            (a.name, a.multiplier, a.factors.down._version, a.factors.up._version, a.factors.scale) for a in active
+        )
+
+    def check_range(self, dtype: torch.dtype, error: type[DiffloraError] = InvalidArgumentError) -> None:
+        """Refuse the active mix if an adapter's ``m · s · B A`` (fp32) or its scaled factor ``m · s · B`` is not
+        finite or exceeds what ``dtype`` holds (``torch.finfo(dtype).max``: 65504 for fp16), naming the adapter, the
+        module and the numbers: ``error`` (:class:`InvalidArgumentError`, or :class:`FuseError` from :meth:`fuse`)
+        with ``parameter="weight"``.
+
+        Cheap: a bound first (no product), the exact maximum only when the bound is over the limit; each adapter's
+        numbers are cached until its factors change, and a mix already checked for ``dtype`` is not checked again.
+        """
+        active = self.active()
+        key = (dtype, self._mix_key(active))
+        if key == self._checked_key or not dtype.is_floating_point:
+            return
+        limit = torch.finfo(dtype).max
+        for adapter in active:
+            multiplier = abs(adapter.multiplier)
+            bound, largest_up = adapter.factors.largest_entries()
+            if multiplier * bound <= limit and multiplier * largest_up <= limit:
+                continue
+            largest_change, _ = adapter.factors.largest_entries(exact=True)
+            reached = max(multiplier * largest_change, multiplier * largest_up)
+            if not reached <= limit:  # inf and NaN included
+                dtype_name = str(dtype).removeprefix("torch.")
+                raise error(
+                    f"weight of adapter {adapter.name!r} is too large for {self.module or 'this layer'} in "
+                    f"{dtype_name}: at multiplier {adapter.multiplier:g} (weight × block weight) its change reaches "
+                    f"{reached:.3g}, more than {dtype_name} holds ({limit:g}); use a smaller weight", "weight")
+        self._checked_key = key
+
     # ----- forward --------------------------------------------------------------------------------------------
     def linear(self, base: nn.Linear, x: torch.Tensor) -> torch.Tensor:
         """``base(x) + Σ m s B A x``, in the merged or the factored form, whichever costs less for this ``x``.
@@ -320,6 +412,8 @@ class MultiLoRA(nn.Module):
         if not active:
             return base(x)
         trainable = any(a.factors.down.requires_grad or a.factors.up.requires_grad for a in active)
+        if not trainable:
+            self.check_range(x.dtype)
         tokens = x.numel() // x.shape[-1] if x.ndim else 1
         total_rank = sum(a.factors.rank for a in active)
         if _runs_plain_forward(base, x) and merged_form_is_cheaper(
@@ -352,19 +446,12 @@ class MultiLoRA(nn.Module):
                 term = adapter.factors(x, adapter.multiplier)
                 total = term if total is None else total + term
             return total
+        self.check_range(x.dtype)
         down_stack, up_stack = self._stacked(active, x.dtype, x.device)
         return (x @ down_stack.t()) @ up_stack.t()
 
     def _stacked(self, active: list[ActiveAdapter], dtype: torch.dtype, device: torch.device):
-        # Parameter._version changes on every in-place update (optimizer steps, load_state_dict), so a stale stack
-        # is never used.
-        key = (
-            dtype,
-            device,
-            tuple(
-                (a.name, a.multiplier, a.factors.down._version, a.factors.up._version, a.factors.scale) for a in active
-            ),
-        )
+        key = (dtype, device, self._mix_key(active))  # a stale stack is never used (see _mix_key)
         if key != self._stack_key:
             with torch.no_grad():
                 down_stack = torch.cat([a.factors.down.float() for a in active], dim=0)
@@ -386,6 +473,7 @@ class MultiLoRA(nn.Module):
         """Write the active mix into ``base.weight`` and keep the original for :meth:`unfuse`."""
         if self.fused:
             raise RuntimeError("already fused; unfuse first")
+        self.check_range(base.weight.dtype, FuseError)
         delta = self.delta_weight()
         original = base.weight.detach().clone()
         if delta is not None:

@@ -139,7 +139,8 @@ class _LoRAAttentionHost(nn.Module):
                     f"{site.component}.{site.path}.{projection}: block sizes give {in_features}→{out_features}, "
                     f"the layer is {layer.in_features}→{layer.out_features}"
                 )
-            self.branches[_branch_key(projection)] = MultiLoRA(in_features, out_features)
+            module_key = join_module_key(site.component, site.path, projection)
+            self.branches[_branch_key(projection)] = MultiLoRA(in_features, out_features, module_key)
 
     def branch(self, projection: str) -> MultiLoRA:
         return self.branches[_branch_key(projection)]

@@ -12,6 +12,10 @@ Every adapter on every attention block is one :class:`~difflora.lora.LoRAFactors
 runtime only keeps the book of names, weights and block weights, and turns them into each branch's multiplier
 ``weight × block factor`` (0 when the adapter is disabled). Loading checks every module of a file against the model
 before anything changes, so a failed load leaves the pipeline as it was.
+
+Weights are finite numbers in [-100, 100] (:func:`~difflora.lora.adapter_weight`), per-block weights name blocks the
+UNet has, and :meth:`LoRARuntime.check_mix` refuses a mix a layer's dtype cannot hold (fp16: 65504) before a
+generation or a fuse uses it.
 """
 
 from __future__ import annotations
@@ -28,10 +32,10 @@ from torch import nn
 
 from .adapter import AdapterState, LoRAModuleWeights
 from .blocks import BlockWeights
-from .errors import AdapterFileError, AdapterShapeError, InvalidArgumentError, finite_number
+from .errors import AdapterFileError, AdapterShapeError, InvalidArgumentError
 from .formats import read_adapter, write_adapter
 from .keys import TEXT_ENCODERS, adapter_name_from_path, join_module_key, projections_of, split_module_key
-from .lora import INITIALISATIONS, LoRAFactors, MultiLoRA, initial_factors
+from .lora import INITIALISATIONS, LoRAFactors, MultiLoRA, adapter_weight, initial_factors
 from .processors import InstalledProcessors, SiteOnModel, attention_sites, install_processors
 
 __all__ = ["LoRARuntime", "AdapterInfo"]
@@ -75,11 +79,16 @@ class LoRARuntime:
     @classmethod
     def attach(cls, pipe) -> LoRARuntime:
         """The runtime of ``pipe`` (a diffusers Stable Diffusion pipeline), created on first use."""
-        runtime = getattr(pipe, "_difflora_runtime", None)
+        runtime = cls.of(pipe)
         if runtime is None:
             runtime = cls(pipe)
             pipe._difflora_runtime = runtime
         return runtime
+
+    @classmethod
+    def of(cls, pipe) -> LoRARuntime | None:
+        """The runtime :meth:`attach` gave ``pipe``, or ``None`` when it has none (a pipeline with no adapters)."""
+        return getattr(pipe, "_difflora_runtime", None)
 
     # ----- what is there ------------------------------------------------------------------------------------------
     @property
@@ -95,6 +104,20 @@ class LoRARuntime:
             known = ", ".join(self._adapters) or "none"
             raise InvalidArgumentError(f"no adapter named {name!r} (loaded: {known})", "name")
         return self._adapters[name]
+
+    def unet_blocks(self) -> set[str]:
+        """The per-block names of this UNet: ``down.0`` … and ``up.0`` … (every block, with attention or not)."""
+        unet = self.components["unet"]
+        return {f"down.{i}" for i in range(len(unet.down_blocks))} | {f"up.{i}" for i in range(len(unet.up_blocks))}
+
+    def _checked_block_weights(self, block_weights: BlockWeights | None) -> BlockWeights:
+        if block_weights is None:
+            return BlockWeights()
+        if not isinstance(block_weights, BlockWeights):
+            raise InvalidArgumentError(f"block_weights must be a BlockWeights, got {block_weights!r}",
+                                       "block_weights")
+        block_weights.check_blocks(self.unet_blocks())
+        return block_weights
 
     def _takes_lora(self, site_key: str) -> bool:
         installed = self._installed is not None and site_key in self._installed.hosts
@@ -189,13 +212,14 @@ class LoRARuntime:
         replace_existing: bool = False,
         strict: bool = False,
     ) -> AdapterInfo:
-        """Add ``state`` under ``name`` with ``weight`` (any float, negative included) and optional block weights.
+        """Add ``state`` under ``name`` with ``weight`` (in [-100, 100], negative included) and optional block
+        weights (whose per-block names must be blocks of this UNet).
 
         Keys of the file that difflora cannot apply (``state.skipped``) are logged by name and count, or with
         ``strict`` refused.
 
         Raises:
-            InvalidArgumentError: bad name or weight.
+            InvalidArgumentError: bad name, weight or block weights.
             AdapterShapeError: a module of the adapter is not in this model or its shapes differ; nothing changed.
             AdapterFileError: ``strict`` and the file holds keys difflora cannot apply.
         """
@@ -205,7 +229,8 @@ class LoRARuntime:
             if strict:
                 raise AdapterFileError(f"{where}: refused (strict): {state.skipped_summary()}", "strict")
             logger.warning("%s: not loaded: %s", where, state.skipped_summary())
-        weight = finite_number(weight, f"weight of {name!r}")
+        weight = adapter_weight(weight, f"weight of {name!r}")
+        block_weights = self._checked_block_weights(block_weights)
         self._check_fits(state, where)
         # Every factor is built before the model changes, so a failure here (bad values, out of memory) changes nothing.
         built = self._build_factors(state)
@@ -221,7 +246,7 @@ class LoRARuntime:
                 name=name,
                 weight=weight,
                 enabled=True,
-                block_weights=block_weights or BlockWeights(),
+                block_weights=block_weights,
                 module_count=len(state.modules),
                 ranks=tuple(state.ranks()),
                 alphas=tuple(state.alphas()),
@@ -296,14 +321,16 @@ class LoRARuntime:
         """Set several adapters' weights at once (one unfuse and fuse around them when fused)."""
         for name in weights:
             self._info(name)
-        checked = {name: finite_number(weight, f"weight of {name!r}") for name, weight in weights.items()}
+        checked = {name: adapter_weight(weight, f"weight of {name!r}") for name, weight in weights.items()}
         with self._changing():
             for name, weight in checked.items():
                 self._adapters[name] = replace(self._adapters[name], weight=weight)
                 self._refresh_multipliers(name)
 
     def set_block_weights(self, name: str, block_weights: BlockWeights) -> None:
+        """Set one adapter's block weights; per-block names must be blocks of this UNet."""
         info = self._info(name)
+        block_weights = self._checked_block_weights(block_weights)
         with self._changing():
             self._adapters[name] = replace(info, block_weights=block_weights)
             self._refresh_multipliers(name)
@@ -342,11 +369,22 @@ class LoRARuntime:
             self.remove(name)
 
     # ----- fusing -------------------------------------------------------------------------------------------------
+    def check_mix(self) -> None:
+        """Refuse the active mix if some adapter's ``weight × block weight × s·B A`` is not finite or exceeds what
+        its layer's dtype holds (fp16: 65504), naming the adapter and the module (:meth:`MultiLoRA.check_range`).
+
+        :meth:`fuse` (as a :class:`FuseError`) and every forward pass without gradients check it too;
+        :func:`~difflora.generate.generate` calls it before the first step. Each branch remembers the mix it
+        checked, so an unchanged mix costs a comparison per branch.
+        """
+        for _, branch, layer in self._branches():
+            branch.check_range(layer.weight.dtype)
+
     def fuse(self) -> None:
         """Bake the active mix into the base weights (fp32 maths, cast once); the branches then cost nothing."""
         if self._fused:
             return
-        done = []
+        done = []  # each branch checks its mix's range before it changes a weight (MultiLoRA.fuse)
         try:
             for _, branch, layer in self._branches():
                 branch.fuse(layer)

@@ -105,9 +105,9 @@ def bad_inputs(tiny_model_dir, adapter_file, tmp_path):
         ([*common, "--lora", str(truncated), "--out", "o.png"], "not a readable safetensors"),
         ([*common, "--lora", str(unknown), "--out", "o.png"], "no LoRA keys"),
         ([*common, "--lora", str(misfit), "--out", "o.png"], "(4, 31)"),
-        ([*common, "--steps", "0", "--out", "o.png"], "--steps must be a positive integer"),
-        ([*common, "--width", "-64", "--out", "o.png"], "--width must be a positive multiple of 8"),
-        ([*common, "--out", "o.jpg"], "PNG"),
+        ([*common, "--steps", "0", "--out", "o.png"], "--steps must be an integer in [1, 1000], got 0"),
+        ([*common, "--width", "-64", "--out", "o.png"], "--width must be a multiple of 8 in [8, 4096], got -64"),
+        ([*common, "--out", "o.jpg"], "--out o.jpg: give a path ending in .png"),
         ([*common, "--block-weights", "sideways=1", "--out", "o.png"], "unknown block"),
         (["generate", "--model", str(tmp_path / "no-model"), "--prompt", "p", "--out", "o.png"], "no-model"),
         (["inspect", str(truncated)], "truncated.safetensors"),
@@ -265,3 +265,17 @@ def test_corrupted_or_mismatched_inputs_write_nothing(adapter_file, tmp_path, ca
         assert err.count("\n") == 1 and message in err, (argv, err)
         assert not out.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["other-model.safetensors", "truncated.safetensors"]
+
+
+def test_error_lines_name_flags_but_leave_paths_and_keys_alone():
+    from difflora._entry import error_line
+    from difflora.errors import DiffloraError
+
+    flags = {"--rank", "--train-unet", "--train-text-encoder", "--block-weights"}
+    error = DiffloraError("train_text_encoder must be on when train_unet is off", "train_text_encoder")
+    assert error_line(error, flags) == "difflora: error: --train-text-encoder must be on when --train-unet is off"
+    where = "/tmp/block_weights/x.safetensors: module 'unet.block_weights.to_q'"
+    error = DiffloraError(f"{where} holds NaN (block_weights).")
+    assert error_line(error, flags) == f"difflora: error: {where} holds NaN (--block-weights)."
+    assert error_line(DiffloraError("rank must be > 0", "rank"), flags) == "difflora: error: --rank must be > 0"
+    assert error_line(DiffloraError("rank must be > 0", "rank"), ()) == "difflora: error: rank must be > 0"

@@ -141,14 +141,24 @@ def test_a_committed_fuse_keeps_the_fused_weight_and_forgets_the_original():
 def test_fuse_refuses_non_finite_result_and_changes_nothing():
     layer = nn.Linear(4, 4)
     original = layer.weight.detach().clone()
-    branch = MultiLoRA(4, 4)
+    branch = MultiLoRA(4, 4, "unet.block.to_q")
     bad = random_factors(4, 4, 1, 1, seed=8)
     with torch.no_grad():
         bad.up.fill_(math.inf)
     branch.add("bad", bad)
-    with pytest.raises(FuseError, match="NaN/inf"):
+    with pytest.raises(FuseError, match="weight of adapter 'bad' is too large for unet.block.to_q in float32"):
         branch.fuse(layer)
     assert torch.equal(layer.weight, original) and not branch.fused
+    # A change that fp16 holds, on a weight it also holds, whose sum it does not: the fused weight is checked too.
+    half = nn.Linear(1, 1).half()
+    with torch.no_grad():
+        half.weight.fill_(60000.0)
+    kept = half.weight.detach().clone()
+    sum_too_large = MultiLoRA(1, 1)
+    sum_too_large.add("big", LoRAFactors.from_tensors(torch.ones(1, 1), torch.full((1, 1), 60000.0)))
+    with pytest.raises(FuseError, match="NaN/inf"):
+        sum_too_large.fuse(half)
+    assert torch.equal(half.weight, kept) and not sum_too_large.fused
 
 
 def test_shape_mismatch_names_both_shapes():

@@ -201,6 +201,21 @@ def test_bad_data_fails_before_any_model_loads(tmp_path):
     assert len(lines) == 1 and "holds no readable images" in lines[0] and "broken.png" in lines[0]
 
 
+@pytest.mark.parametrize("main_process, interrupted", [(True, False), (False, False), (True, True), (False, True)])
+def test_only_the_main_process_says_where_the_adapter_is(main_process, interrupted, monkeypatch, capsys):
+    from difflora.train import recipe
+    from difflora.train.phases import TrainingResult
+
+    result = TrainingResult(None if interrupted else Path("run/lora.safetensors"), 3, [1.0], interrupted=interrupted,
+                            last_checkpoint=Path("run/checkpoints/checkpoint-000003"), main_process=main_process)
+    monkeypatch.setattr(recipe, "train", lambda config: result)
+    assert recipe.main(["--data", "images"]) == (130 if interrupted else 0)
+    captured = capsys.readouterr()
+    said = captured.err if interrupted else captured.out
+    expected = "interrupted at step 3" if interrupted else "run/lora.safetensors"
+    assert (expected in said) == main_process, said
+
+
 @pytest.mark.skipif(sys.platform == "win32", reason="gloo on one machine")
 def test_two_cpu_processes_equal_one_process(tmp_path, tiny_model_dir):
     train_dir, _ = style_split(tmp_path)
@@ -219,6 +234,7 @@ def test_two_cpu_processes_equal_one_process(tmp_path, tiny_model_dir):
         capture_output=True, text=True, timeout=300, env=env,
     )
     assert double.returncode == 0, double.stderr[-3000:]
+    assert double.stdout.splitlines() == [str(tmp_path / "two" / "lora.safetensors")]  # once, not once per process
     written = list((tmp_path / "two").glob("*.safetensors"))
     assert [p.name for p in written] == ["lora.safetensors"]
     one, two = read_adapter(tmp_path / "one" / "lora.safetensors"), read_adapter(written[0])

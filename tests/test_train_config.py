@@ -2,6 +2,7 @@
 in YAML files and in what a run writes; errors name the parameter, and the command line says its flag."""
 
 import dataclasses
+import math
 import subprocess
 import sys
 
@@ -116,11 +117,36 @@ def test_errors_name_the_parameter(options, parameter):
     assert str(caught.value).startswith((parameter + " ", f"{parameter!r} ")), str(caught.value)
 
 
+@pytest.mark.parametrize("options, message", [
+    ({"lr": math.inf}, "lr must be a finite number in (0, 1], got inf"),
+    ({"lr": math.nan}, "lr must be a finite number in (0, 1], got nan"),
+    ({"text_encoder_lr": 2.0}, "text_encoder_lr must be a finite number in (0, 1], got 2.0"),
+    ({"alpha": math.inf}, "alpha must be a finite number in (0, 10000], got inf"),
+    ({"loraplus_ratio": 0.0}, "loraplus_ratio must be a finite number in (0, 1000], got 0.0"),
+    ({"snr_gamma": math.nan}, "snr_gamma must be a finite number in (0, 1000], got nan"),
+    ({"noise_offset": math.nan}, "noise_offset must be a finite number in [0, 1], got nan"),
+    ({"noise_offset": -0.1}, "noise_offset must be a finite number in [0, 1], got -0.1"),
+    ({"weight_decay": math.inf}, "weight_decay must be a finite number in [0, 1], got inf"),
+    ({"max_grad_norm": math.nan}, "max_grad_norm must be a finite number in [0, 1e+06], got nan"),
+    ({"caption_dropout": math.nan}, "caption_dropout must be in [0, 1], got nan"),
+    ({"checkpoints_total_limit": -1}, "checkpoints_total_limit must be >= 0, got -1"),
+    ({"seed": -1}, "seed must be an integer in [0, 2**63 - 1], got -1"),
+    ({"validation_seed": 2**63}, f"validation_seed must be an integer in [0, 2**63 - 1], got {2**63}"),
+])
+def test_numbers_are_finite_and_in_range(options, message):
+    with pytest.raises(InvalidArgumentError) as caught:
+        make_config({"data": "images", **options})
+    assert str(caught.value) == message and caught.value.parameter == next(iter(options))
+    make_config({"data": "images", "lr": 1.0, "noise_offset": 0.0, "weight_decay": 1.0, "max_grad_norm": 0.0,
+                 "seed": 2**63 - 1, "checkpoints_total_limit": 0})
+
+
 def test_the_command_line_says_the_flag(tmp_path):
     for argv, line in [
         (["--rank", "0"], "difflora: error: --rank must be a positive integer, got 0"),
         (["--bucket-step", "12"], "difflora: error: --bucket-step must be a positive multiple of 8, got 12"),
         (["--steps", "none"], "difflora: error: --steps must be given when epochs is not"),
+        (["--noise-offset", "nan"], "difflora: error: --noise-offset must be a finite number in [0, 1], got nan"),
     ]:
         result = subprocess.run([sys.executable, "-m", "difflora", "train", "--data", str(tmp_path), *argv],
                                 capture_output=True, text=True, timeout=120)

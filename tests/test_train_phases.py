@@ -272,7 +272,10 @@ def test_an_interrupted_run_ends_in_a_checkpoint(tmp_path, monkeypatch):
     result = finish(made.accelerator, made, runtime, interrupted=True)
     assert result.interrupted and result.adapter_path is None and result.steps == 2
     assert made.checkpoints.saved == [2] and result.last_checkpoint == Path("checkpoint-000002")
-    assert runtime.saved == [] and rendered == []
+    assert runtime.saved == [] and rendered == [] and result.main_process
+    other, _ = finished_reporter(tmp_path, monkeypatch, step=2)
+    other.accelerator.is_main_process = False
+    assert not finish(other.accelerator, other, RecordingRuntime(), interrupted=True).main_process
 
 
 def test_a_finished_run_writes_the_adapter_and_the_last_validation_images(tmp_path, monkeypatch):
@@ -286,6 +289,11 @@ def test_a_finished_run_writes_the_adapter_and_the_last_validation_images(tmp_pa
     assert json.loads(metadata["difflora.training_config"]) == config_to_dict(made.config)
     assert json.loads(metadata["difflora.trigger_words"]) == ["pixsun"] and metadata["ss_resolution"] == "(64, 64)"
     assert rendered == [6]  # step 6 is not a validation step (every 4): the final images are rendered here
+    assert result.main_process
+    other, _ = finished_reporter(tmp_path, monkeypatch, step=6)
+    other.accelerator.is_main_process = False
+    not_main = finish(other.accelerator, other, RecordingRuntime(), interrupted=False)
+    assert not not_main.main_process  # under torchrun: this process does not say where the file is
     just_rendered, rendered = finished_reporter(tmp_path, monkeypatch, step=4)
     finish(just_rendered.accelerator, just_rendered, RecordingRuntime(), interrupted=False)
     assert rendered == []  # the loop rendered step 4 already

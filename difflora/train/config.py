@@ -39,6 +39,23 @@ def _option(default, help: str, choices: tuple | None = None, *, shapes_result: 
     return field(default=default, metadata=metadata)
 
 
+# The ranges of the numeric options: (low, high, low included). Learning rates: AdamW diverges long before 1 (LoRA
+# trains at 1e-5–1e-3). Alpha: alpha/rank is the scale, and past 10000 no rank gives a usable one. LoRA+ ratio and
+# Min-SNR γ: 16 and 5 in their papers, 1000 past any use. Noise offset: 0.05–0.1 in use;
+# 1 already shifts every latent by a whole standard deviation. Weight decay: a share of the weight per step.
+# Gradient clipping: any finite norm (0: off); 1e6 never clips what a finite loss produces.
+_NUMBER_RANGES = {
+    "lr": (0.0, 1.0, False),
+    "text_encoder_lr": (0.0, 1.0, False),
+    "alpha": (0.0, 10000.0, False),
+    "loraplus_ratio": (0.0, 1000.0, False),
+    "snr_gamma": (0.0, 1000.0, False),
+    "noise_offset": (0.0, 1.0, True),
+    "weight_decay": (0.0, 1.0, True),
+    "max_grad_norm": (0.0, 1e6, True),
+}
+
+
 @dataclass(kw_only=True)
 class TrainConfig:
     """Everything a training run needs. Field names are the option names (``--batch-size`` ↔ ``batch_size``);
@@ -132,15 +149,23 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value <= 0):
                 raise InvalidArgumentError(f"{name} must be a positive integer, got {value!r}", name)
-        for name in ("lr", "loraplus_ratio", "text_encoder_lr", "alpha", "snr_gamma"):
+        for name, (low, high, low_included) in _NUMBER_RANGES.items():
             value = getattr(self, name)
             if value is None and name in ("text_encoder_lr", "alpha", "snr_gamma"):
                 continue  # unset: the help says what applies
-            if not isinstance(value, (int, float)) or not value > 0:
-                raise InvalidArgumentError(f"{name} must be > 0, got {value!r}", name)
-        for name in ("lr_warmup_steps", "checkpointing_steps", "validation_steps", "dataloader_workers"):
-            if getattr(self, name) < 0:
-                raise InvalidArgumentError(f"{name} must be >= 0, got {getattr(self, name)!r}", name)
+            above_low = isinstance(value, (int, float)) and (value >= low if low_included else value > low)
+            if isinstance(value, bool) or not above_low or not value <= high:  # NaN fails every comparison
+                interval = f"{'[' if low_included else '('}{low:g}, {high:g}]"
+                raise InvalidArgumentError(f"{name} must be a finite number in {interval}, got {value!r}", name)
+        for name in ("lr_warmup_steps", "checkpointing_steps", "validation_steps", "dataloader_workers",
+                     "checkpoints_total_limit"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise InvalidArgumentError(f"{name} must be >= 0, got {value!r}", name)
+        for name in ("seed", "validation_seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**63:  # manual_seed's range
+                raise InvalidArgumentError(f"{name} must be an integer in [0, 2**63 - 1], got {value!r}", name)
         if not (self.train_unet or self.train_text_encoder):
             raise InvalidArgumentError("train_text_encoder must be on when train_unet is off (nothing to train)",
                                        "train_text_encoder")

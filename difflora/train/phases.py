@@ -52,6 +52,7 @@ class TrainingResult:
     losses: list[float]
     interrupted: bool = False
     last_checkpoint: Path | None = None
+    main_process: bool = True  # False in the other processes of a data-parallel run, which write nothing
 
 
 # ----- set-up -------------------------------------------------------------------------------------------------------
@@ -401,13 +402,15 @@ def finish(accelerator, reporter: StepReporter, runtime, interrupted: bool) -> T
         checkpoint = reporter.checkpoints.save(step)
         if accelerator.is_main_process:
             logger.warning("stopped at step %d; resume with --resume latest (checkpoint %s)", step, checkpoint)
-        return TrainingResult(None, step, reporter.losses, interrupted=True, last_checkpoint=checkpoint)
+        return TrainingResult(None, step, reporter.losses, interrupted=True, last_checkpoint=checkpoint,
+                              main_process=accelerator.is_main_process)
     adapter_path = Path(config.output) / f"{config.name}.safetensors"
     if accelerator.is_main_process:
         runtime.save(config.name, adapter_path, adapter_metadata(config))
         if config.validation_prompts and not validates_at(config, step):  # unless the loop just rendered this step
             render_validation(accelerator, reporter.pipe, config, step)
-    return TrainingResult(adapter_path, step, reporter.losses, last_checkpoint=reporter.last_checkpoint)
+    return TrainingResult(adapter_path, step, reporter.losses, last_checkpoint=reporter.last_checkpoint,
+                          main_process=accelerator.is_main_process)
 
 
 def end_training(accelerator, optimisation: Optimisation) -> None:

@@ -15,6 +15,7 @@ import logging
 import math
 import sys
 
+from .._files import check_output
 from ..data import CaptionedImages, scan_dataset
 from .checkpoints import CheckpointManager
 from .config import TrainConfig, config_from_args
@@ -43,6 +44,7 @@ __all__ = ["train", "main", "TrainingResult", "TrainingDiverged"]
 def train(config: TrainConfig, progress: ProgressCallback | None = None) -> TrainingResult:
     """Run one training; ``progress(step, total, loss)`` is called after each optimizer step (for the web UI)."""
     config.validate()
+    check_output(config.output, "folder", parameter="output")  # a run that cannot write its files does no work
     index = scan_dataset(config.dataset)  # a folder with no usable image fails here, before any model loads
     accelerator = make_accelerator(config)
     dataset = CaptionedImages(index, config.dataset)
@@ -101,10 +103,12 @@ def main(argv: list[str] | None = None) -> int:
         quiet_libraries()
         result = train(config)
         if result.interrupted:
-            print(f"interrupted at step {result.steps}; checkpoint {result.last_checkpoint}; "
-                  "resume with --resume latest", file=sys.stderr)
+            if result.main_process:
+                print(f"interrupted at step {result.steps}; checkpoint {result.last_checkpoint}; "
+                      "resume with --resume latest", file=sys.stderr)
             return 130
-        print(result.adapter_path)
+        if result.main_process:  # under torchrun every process returns here; the file is the main process's
+            print(result.adapter_path)
         return 0
 
     return run_main(run, parser)
