@@ -55,7 +55,8 @@ def lora_dir(tmp_path_factory, tiny_model_dir):
 
 @pytest.fixture(scope="module")
 def session(lora_dir, tiny_model_dir):
-    return WebUISession(load_pipeline(tiny_model_dir, quiet=True), lora_dir, model_label=str(tiny_model_dir))
+    return WebUISession(load_pipeline(tiny_model_dir, quiet=True), lora_dir, model_label=str(tiny_model_dir),
+                        data_root=SAMPLES)
 
 
 @pytest.fixture(scope="module")
@@ -253,7 +254,8 @@ def test_invalid_uploads_are_refused_and_valid_ones_added(client, session, lora_
 def test_prompt_tags_are_parsed_and_generate_like_slots(session):
     text, slots = parse_prompt_loras("a castle <lora:alpha:0.5>, at dusk <LORA:beta.safetensors>")
     assert text == "a castle, at dusk"
-    assert slots == [AdapterSlot("alpha.safetensors", 0.5), AdapterSlot("beta.safetensors", 1.0)]
+    assert slots == [AdapterSlot("alpha.safetensors", 0.5, tag="<lora:alpha:0.5>"),
+                     AdapterSlot("beta.safetensors", 1.0, tag="<LORA:beta.safetensors>")]
     with pytest.raises(InvalidArgumentError, match="weight must be a number, got .lots."):
         parse_prompt_loras("<lora:alpha:lots>")
 
@@ -271,7 +273,7 @@ def test_prompt_tags_are_parsed_and_generate_like_slots(session):
 
 def test_one_training_at_a_time_and_its_adapter_joins_the_list(tmp_path, tiny_model_dir):
     library = AdapterLibrary(tmp_path)
-    job = TrainingJob(library, str(tiny_model_dir), native_size=64)
+    job = TrainingJob(library, str(tiny_model_dir), native_size=64, data_root=SAMPLES)
     request = TrainRequest(name="pixsun", dataset=str(SAMPLES / "pixel-sunsets"), steps=2, batch_size=2, rank=2,
                            lr=1e-3, trigger_word="pixsun", validation_prompt="pixsun style, a sunset")
     with pytest.raises(InvalidArgumentError, match="refused"):

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from difflora.errors import InvalidArgumentError
-from difflora.webui import SLOT_COUNT, BlendRequest, GenerateRequest, TrainRequest
+from difflora.webui import SLOT_COUNT, AdapterSlot, BlendRequest, GenerateRequest, TrainRequest
 
 REPO = Path(__file__).resolve().parent.parent
 PACKAGE = REPO / "difflora"
@@ -77,6 +77,7 @@ def test_every_way_to_start_answers_help(command):
     shown = subprocess.run([*command, "--help"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert shown.returncode == 0, shown.stderr
     assert shown.stdout.startswith("usage: difflora webui ") and "--lora-dir" in shown.stdout
+    assert "--data-root DIR" in shown.stdout
 
 
 def test_a_missing_adapter_folder_is_told_by_its_flag(tmp_path):
@@ -86,6 +87,16 @@ def test_a_missing_adapter_folder_is_told_by_its_flag(tmp_path):
                              capture_output=True, text=True, timeout=300)
     assert started.returncode == 2
     assert started.stderr.splitlines() == [f"difflora: error: --lora-dir {missing}: no such folder (create it first)"]
+
+
+def test_a_missing_data_root_is_told_by_its_flag_before_the_model_loads(tmp_path):
+    missing = tmp_path / "no-such-folder"
+    started = subprocess.run([PYTHON, "-m", "difflora.webui", "--lora-dir", str(tmp_path), "--data-root", str(missing),
+                              "--model", str(tmp_path / "no-such-model")], cwd=REPO, capture_output=True, text=True,
+                             timeout=300)
+    assert started.returncode == 2
+    assert started.stderr.splitlines() == [f"difflora: error: --data-root {missing}: no such folder (create it first)"]
+    assert list(tmp_path.iterdir()) == []  # nothing written in the adapter folder
 
 
 def form_error(parse, values) -> InvalidArgumentError:
@@ -116,6 +127,33 @@ def test_errors_are_told_by_the_label_of_their_field():
     assert in_field_words(InvalidArgumentError("needs a rank", "rank"), TRAIN_LABELS) == "Rank: needs a rank"
     assert in_field_words(InvalidArgumentError("rank must be > 0", "rank"), GENERATE_LABELS) == "rank must be > 0"
     assert in_field_words(InvalidArgumentError("no parameter here"), TRAIN_LABELS) == "no parameter here"
+    # An adapter row's weight and block weights are told by the row, whatever words the library used for them.
+    weight = InvalidArgumentError("weight of 'alpha' must be a finite number in [-100, 100], got 150.0", "weight")
+    row = AdapterSlot("alpha.safetensors", row=2).told(weight, "weight")
+    assert (type(row), row.parameter) == (InvalidArgumentError, "weight_2")
+    assert in_field_words(row, GENERATE_LABELS) == (
+        "Weight of adapter 2: must be a finite number in [-100, 100], got 150.0")
+    tag = AdapterSlot("alpha.safetensors", tag="<lora:alpha:150>").told(weight, "weight")
+    assert in_field_words(tag, GENERATE_LABELS) == (
+        "Prompt: tag <lora:alpha:150>: weight must be a finite number in [-100, 100], got 150.0")
+    plain = AdapterSlot("alpha.safetensors").told(weight, "weight")  # a caller of the session, not the page
+    assert (str(plain), plain.parameter) == (
+        "weight of alpha.safetensors must be a finite number in [-100, 100], got 150.0", "weight")
+    too_large = InvalidArgumentError("weight of adapter 'alpha' is too large for unet.x in fp16; use a smaller weight",
+                                     "weight")
+    assert in_field_words(AdapterSlot("a", row=4).told(too_large, "weight"), GENERATE_LABELS) == (
+        "Weight of adapter 4: is too large for unet.x in fp16; use a smaller weight")
+    blocks = InvalidArgumentError("block_weights: up.9: the model has no such block", "block_weights")
+    assert in_field_words(AdapterSlot("a", row=1).told(blocks, "block_weights"), GENERATE_LABELS) == (
+        "Block weights of adapter 1: up.9: the model has no such block")
+    unnamed = InvalidArgumentError("down must be a number, got 'x'")  # no parameter: still told by the row
+    assert in_field_words(AdapterSlot("a", row=3).told(unnamed, "block_weights"), GENERATE_LABELS) == (
+        "Block weights of adapter 3: down must be a number, got 'x'")
+    values = generate_values()
+    second_row = len(GenerateRequest.FORM_FIELDS) + len(GenerateRequest.SLOT_FIELDS)
+    values[second_row:second_row + 2] = ["beta.safetensors", float("nan")]
+    assert in_field_words(form_error(GenerateRequest.from_form, values), GENERATE_LABELS) == (
+        "Weight of adapter 2: must be a finite number, got nan")
     # A training run that fails on bad input in the background is told in the Train tab's words too.
     error = InvalidArgumentError("lr must be > 0, got -1.0", "lr")
     failed = TrainingStatus("failed", name="x", message=f"training failed: {error}", error=error)

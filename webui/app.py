@@ -1,5 +1,5 @@
-"""Start the difflora web UI from a checkout: ``python webui/app.py --model MODEL --lora-dir DIR [--host] [--port]
-[--share]``, the same as ``difflora webui``. The page itself lives in :mod:`difflora.webui`."""
+"""Start the difflora web UI from a checkout: ``python webui/app.py --model MODEL --lora-dir DIR [--data-root DIR]
+[--host] [--port] [--share]``, the same as ``difflora webui``. The page itself lives in :mod:`difflora.webui`."""
 
 import sys
 from pathlib import Path

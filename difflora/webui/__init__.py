@@ -1,6 +1,6 @@
 """The difflora web UI: a Gradio page over the library, for people who would rather not type commands.
 
-    difflora webui --model MODEL --lora-dir DIR [--host 127.0.0.1] [--port 7860] [--share]
+    difflora webui --model MODEL --lora-dir DIR [--data-root DIR] [--host 127.0.0.1] [--port 7860] [--share]
     python webui/app.py --model MODEL --lora-dir DIR
     python -m difflora.webui --model MODEL --lora-dir DIR
 
@@ -17,10 +17,13 @@ The rooms, lowest first; only :mod:`~difflora.webui.page` imports gradio, so imp
 
 Safety: the server binds to 127.0.0.1 unless ``--host`` says otherwise and makes no public link unless ``--share``.
 Every file it reads or writes by name is inside ``--lora-dir`` (``../x``, absolute paths and symlinks leading out
-are refused); the one exception is a training dataset folder, which is only read. Uploads are accepted only when
-:func:`~difflora.formats.read_adapter` reads them as safetensors LoRA files. One lock guards the pipeline: each
-request sets the whole adapter mix it needs under the lock, then generates, so concurrent users queue and never see
-each other's weights.
+are refused). Training datasets are read, never written, from folders inside ``--data-root`` (the adapter folder
+when it is not given): a name relative to it, or an absolute path inside it; symlinks leading out are refused.
+Uploads are accepted only when :func:`~difflora.formats.read_adapter` reads them as safetensors LoRA files; Gradio
+keeps them in ``<lora-dir>/.gradio-cache``, from which a refused upload is deleted at once and an accepted one once
+it is copied into the adapter folder. Values Gradio itself refuses (a dropdown value not among the choices, a
+number out of its field's range) are logged as one line. One lock guards the pipeline: each request sets the whole
+adapter mix it needs under the lock, then generates, so concurrent users queue and never see each other's weights.
 """
 
 from __future__ import annotations
@@ -101,6 +104,9 @@ def build_parser(prog: str = "difflora webui") -> argparse.ArgumentParser:
     add_model_options(parser)
     parser.add_argument("--lora-dir", required=True,
                         help="adapter folder: the only place the UI reads adapters from and writes files to")
+    parser.add_argument("--data-root", default=None, metavar="DIR",
+                        help="folder holding the training datasets: the Train tab offers its folders and reads "
+                             "(never writes) only folders inside it (default: the --lora-dir)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=7860, help="port (default 7860)")
     parser.add_argument("--share", action="store_true", help="also make a public gradio.live link (off by default)")
@@ -126,7 +132,7 @@ def _serve(args: argparse.Namespace) -> int:
     page = _page()  # before the (slow) model load
     quiet_libraries()
     app = page.build_app(WebUISession.open(args.model, args.lora_dir, device=args.device, dtype=args.dtype,
-                                           model_config=args.model_config))
+                                           model_config=args.model_config, data_root=args.data_root))
     try:
         app.launch(server_name=args.host, server_port=args.port, share=args.share, ssr_mode=False)
     except KeyboardInterrupt:

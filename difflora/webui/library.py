@@ -1,9 +1,10 @@
 """The adapter folder (``--lora-dir``): the only place the web UI reads adapters from and writes files to.
 
 Every name a user gives goes through :func:`resolve_inside`, which refuses anything leading outside the folder
-(``../x``, absolute paths, symlinks pointing out). :class:`AdapterLibrary` lists the folder's top-level
-``*.safetensors`` files and keeps a summary of each per :class:`FileKey`, so listing again reads only new or changed
-files. :func:`format_summary` and :meth:`AdapterLibrary.table` are what the page shows of them (Markdown).
+(``../x``, absolute paths, symlinks pointing out); the Train tab's dataset folders go through it too, inside their
+own root (``--data-root``). :class:`AdapterLibrary` lists the folder's top-level ``*.safetensors`` files and keeps a
+summary of each per :class:`FileKey`, so listing again reads only new or changed files. :func:`format_summary` and
+:meth:`AdapterLibrary.table` are what the page shows of them (Markdown).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ __all__ = [
     "AdapterLibrary",
     "FileKey",
     "adapter_file_name",
+    "existing_folder",
     "format_summary",
     "markdown_cell",
     "resolve_inside",
@@ -32,26 +34,38 @@ OUTPUTS_FOLDER = "outputs"  # generated PNGs, inside the adapter folder
 TRAINING_FOLDER = "training"  # one folder per training run, inside the adapter folder
 
 
-def resolve_inside(root: Path, name: str, what: str = "file") -> Path:
+def resolve_inside(root: Path, name: str, what: str = "file", *, place: str = "the adapter folder",
+                   absolute: bool = False) -> Path:
     """The real path of ``name`` (relative to ``root``), refusing anything that would lead outside ``root``.
 
-    ``root`` must already be resolved. Refused: empty names, absolute paths, ``..`` parts, and names whose real path
-    (symlinks followed) is not inside ``root``. The check is on the resolved path, so a symlink inside the folder
+    ``root`` must already be resolved; ``place`` is how messages call it. Refused: empty names, ``..`` parts, names
+    whose real path (symlinks followed) is not inside ``root``, and absolute paths unless ``absolute`` (then they
+    are accepted when they lie inside ``root``). The check is on the resolved path, so a symlink inside the folder
     pointing elsewhere is refused too.
     """
     if not isinstance(name, str) or not name.strip():
         raise InvalidArgumentError(f"{what}: no name given")
     if "\x00" in name:
         raise InvalidArgumentError(f"{what} {name!r}: refused, names cannot hold NUL characters")
-    candidate = Path(name)
-    if candidate.is_absolute() or candidate.drive:
-        raise InvalidArgumentError(f"{what} {name!r}: refused, only names inside the adapter folder {root} are allowed")
+    candidate = Path(name).expanduser() if absolute else Path(name)
+    if (candidate.is_absolute() or candidate.drive) and not absolute:
+        raise InvalidArgumentError(f"{what} {name!r}: refused, only names inside {place} {root} are allowed")
     if ".." in candidate.parts:
-        raise InvalidArgumentError(f"{what} {name!r}: refused, '..' would lead outside the adapter folder {root}")
-    resolved = (root / candidate).resolve()
+        raise InvalidArgumentError(f"{what} {name!r}: refused, '..' would lead outside {place} {root}")
+    resolved = (root / candidate).resolve()  # an absolute candidate replaces root
     if not resolved.is_relative_to(root):
-        raise InvalidArgumentError(f"{what} {name!r}: refused, it leads outside the adapter folder {root} (symlink?)")
+        if candidate.is_absolute() and not candidate.is_relative_to(root):
+            raise InvalidArgumentError(f"{what} {name!r}: refused, it is not inside {place} {root}")
+        raise InvalidArgumentError(f"{what} {name!r}: refused, it leads outside {place} {root} (symlink?)")
     return resolved
+
+
+def existing_folder(path: str | os.PathLike, parameter: str) -> Path:
+    """``path`` resolved, or an error naming ``parameter`` when it is not a folder (checked before the model loads)."""
+    folder = Path(path).expanduser().resolve()
+    if not folder.is_dir():
+        raise InvalidArgumentError(f"{parameter} {path}: no such folder (create it first)", parameter=parameter)
+    return folder
 
 
 def adapter_file_name(name: str, what: str) -> str:
@@ -92,9 +106,7 @@ class AdapterLibrary:
     """
 
     def __init__(self, root: str | os.PathLike) -> None:
-        self.root = Path(root).expanduser().resolve()
-        if not self.root.is_dir():
-            raise InvalidArgumentError(f"lora_dir {root}: no such folder (create it first)", parameter="lora_dir")
+        self.root = existing_folder(root, "lora_dir")
         self._summaries: dict[FileKey, dict] = {}
 
     def path_of(self, name: str, what: str = "adapter") -> Path:

@@ -12,9 +12,10 @@ Stable element ids for browser tests: ``prompt``, ``negative-prompt``, ``generat
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from html import escape
 from pathlib import Path
@@ -36,12 +37,17 @@ logger = logging.getLogger(__name__)
 
 # Parameter → the label of its field, per tab: the labels the fields are built with, and the words an error naming
 # that parameter is told in (a UI user reads "Rank (svd, ties, dare): …", never "--rank").
+# An adapter row's weight and block weights are told by their row (``AdapterSlot.parameter``: ``weight_2``).
+_ROW_LABELS = {f"{part}_{row}": f"{label} of adapter {row}" for row in range(1, SLOT_COUNT + 1)
+               for part, label in (("weight", "Weight"), ("block_weights", "Block weights"))}
 GENERATE_LABELS = {
     "prompt": "Prompt", "negative_prompt": "Negative prompt", "steps": "Steps", "guidance": "Guidance",
     "seed": "Seed", "width": "Width", "height": "Height", "scheduler": "Scheduler", "num_images": "Images",
+    **_ROW_LABELS,
 }
 BLEND_LABELS = {
     "method": "Method", "rank": "Rank (svd, ties, dare)", "density": "Density (ties, dare)", "layout": "Format",
+    "adapters": "Adapters", **{f"weight_{row}": f"Weight of adapter {row}" for row in range(1, SLOT_COUNT + 1)},
 }
 TRAIN_LABELS = {
     "name": "Adapter name", "data": "Dataset folder", "data_dir": "Dataset folder", "trigger_word": "Trigger word",
@@ -103,6 +109,36 @@ def _progress_html(status: TrainingStatus) -> str:
     return f'{bar}<div>{text}</div>'
 
 
+class _Page(gr.Blocks):
+    """A ``gr.Blocks`` whose own refusals of the values it is sent are logged as one line: a dropdown value not
+    among the choices, a number out of its field's range (a stale page or an API client sends them), a value of the
+    wrong type, a file path that was not uploaded.
+
+    Gradio raises these while it prepares the inputs, before any callback runs, and prints a full traceback for
+    each (for some, it sends the client no message at all); the client is sent the one line.
+    """
+
+    async def preprocess_data(self, block_fn, *args, **kwargs):
+        try:
+            return await super().preprocess_data(block_fn, *args, **kwargs)
+        except gr.Error as error:
+            if error.print_exception:
+                _log_refusal(block_fn, error.message)
+                error.print_exception = False
+            raise
+        except ValueError as error:  # Gradio's ComponentProcessingError, InvalidPathError; pydantic's ValidationError
+            raise gr.Error(_log_refusal(block_fn, str(error)), print_exception=False) from None
+
+
+def _log_refusal(block_fn, message: str) -> str:
+    """Log a refusal of the page's inputs as one line; returns the line."""
+    line = " ".join(str(message).split())
+    line = line if len(line) <= 600 else line[:597] + "..."  # long choice lists: the start says enough
+    event = getattr(block_fn, "api_name", None) or getattr(block_fn, "name", None) or "an event"
+    logger.warning("refused by the page (%s): %s", event, line)
+    return line
+
+
 # ----- the tabs: components only ----------------------------------------------------------------------------------
 
 
@@ -143,6 +179,8 @@ class _InspectTab:
 @dataclass
 class _TrainTab:
     form: list[gr.components.Component]  # in TrainRequest.from_form order
+    dataset: gr.Dropdown
+    refresh_datasets: gr.Button
     button: gr.Button
     progress: gr.HTML
     preview: gr.Image
@@ -260,12 +298,17 @@ def _inspect_tab(names: list[str]) -> _InspectTab:
 def _train_tab(session: WebUISession) -> _TrainTab:
     labels = TRAIN_LABELS
     with gr.Tab("Train", id="train"):
-        gr.Markdown("Train a style adapter on a folder of images (`.txt` captions beside them, or a "
-                    "`metadata.jsonl`). The folder may be anywhere readable (absolute path) or inside the adapter "
-                    "folder (relative path); it is only read. One run at a time.")
+        job = session.training
+        gr.Markdown(f"Train a style adapter on a folder of images (`.txt` captions beside them, or a "
+                    f"`metadata.jsonl`). The folder must be inside {job.data_place} `{job.data_root}` (choose one "
+                    f"of its folders, or type a path inside it); it is only read. One run at a time.")
         with gr.Row():
             name = gr.Textbox(label=labels["name"], value="my-style", elem_id="train-name")
-            dataset = gr.Textbox(label=labels["data"], elem_id="train-dataset")
+            with gr.Column():
+                # Typed paths are allowed (folders deeper down): the session checks them, not Gradio's choices.
+                dataset = gr.Dropdown(job.dataset_folders(), value=None, allow_custom_value=True,
+                                      label=labels["data"], elem_id="train-dataset")
+                refresh_datasets = gr.Button("Refresh folders", elem_id="train-refresh-datasets", size="sm")
             trigger = gr.Textbox(label=labels["trigger_word"], elem_id="train-trigger")
         with gr.Row():
             steps = gr.Number(value=200, precision=0, minimum=1, label=labels["steps"], elem_id="train-steps")
@@ -286,7 +329,7 @@ def _train_tab(session: WebUISession) -> _TrainTab:
         preview = gr.Image(label="Validation image", type="filepath", interactive=False, elem_id="train-preview")
         seen_runs = gr.State(status.finished_runs)
         timer = gr.Timer(1.0, active=False)
-    return _TrainTab(form, button, progress, preview, seen_runs, timer)
+    return _TrainTab(form, dataset, refresh_datasets, button, progress, preview, seen_runs, timer)
 
 
 # ----- the events: form values → request → one session method → outputs -------------------------------------------
@@ -345,10 +388,11 @@ def _bind_page_load(app: gr.Blocks, session: WebUISession, lists: _AdapterLists,
     # page opened while a run trains follows its progress.
     def on_page_load():
         status = session.training.status()
-        return *lists.fresh(), _progress_html(status), gr.Timer(active=status.state == "running")
+        datasets = gr.Dropdown(choices=session.training.dataset_folders())
+        return *lists.fresh(), datasets, _progress_html(status), gr.Timer(active=status.state == "running")
 
-    app.load(on_page_load, outputs=[*lists.outputs, train.progress, train.timer], api_visibility="private",
-             show_progress="hidden", **FREE)
+    app.load(on_page_load, outputs=[*lists.outputs, train.dataset, train.progress, train.timer],
+             api_visibility="private", show_progress="hidden", **FREE)
 
 
 def _bind_blend(session: WebUISession, tab: _BlendTab, generate_form: list, lists: _AdapterLists) -> None:
@@ -371,7 +415,49 @@ def _bind_blend(session: WebUISession, tab: _BlendTab, generate_form: list, list
                           outputs=[tab.file, tab.report, *lists.outputs], api_name="blend_save", **FREE)
 
 
+@dataclass
+class _Uploads:
+    """Uploads as the Inspect tab's callbacks take them: unprocessed, a ``FileData`` dict whose ``path`` is in
+    Gradio's cache folder. (Processed, Gradio's File would leave an empty temporary file in the cache per event.)
+
+    An upload is deleted from the cache as soon as it is refused, and once it has been copied into the adapter
+    folder, so that refused files do not pile up on the server; one that was only inspected stays for "Add".
+    """
+
+    cache: Path
+
+    def path(self, payload) -> Path | None:
+        """The upload's file in the cache, or None when nothing was uploaded."""
+        if not payload:
+            return None
+        path = Path(payload["path"] if isinstance(payload, Mapping) else payload)
+        if not path.is_file():
+            raise InvalidArgumentError(f"upload {path.name}: no longer on the server (refused or already added); "
+                                       "upload it again")
+        return path
+
+    def discard(self, path: Path) -> None:
+        """Delete ``path`` from the cache, and the folder Gradio made for it when that is left empty."""
+        cache, path = self.cache.resolve(), path.resolve()
+        if path == cache or not path.is_relative_to(cache):
+            return  # not an upload in the cache: never delete anything else
+        path.unlink(missing_ok=True)
+        if path.parent != cache:
+            with contextlib.suppress(OSError):
+                path.parent.rmdir()
+
+    @contextlib.contextmanager
+    def deleted_if_refused(self, path: Path) -> Iterator[None]:
+        try:
+            yield
+        except BaseException:
+            self.discard(path)
+            raise
+
+
 def _bind_inspect(session: WebUISession, tab: _InspectTab, lists: _AdapterLists) -> None:
+    uploads = _Uploads(Path(tab.upload.GRADIO_CACHE))
+
     @_shown_in_page()
     def on_inspect(name):
         if not name:
@@ -381,23 +467,32 @@ def _bind_inspect(session: WebUISession, tab: _InspectTab, lists: _AdapterLists)
 
     @_shown_in_page()
     def on_inspect_upload(uploaded):
-        if not uploaded:
+        path = uploads.path(uploaded)
+        if path is None:
             return "", None
-        summary = session.inspect_upload(uploaded)
-        return format_summary(summary, f"{Path(uploaded).name} (upload, not yet in the adapter folder)"), summary
+        with uploads.deleted_if_refused(path):
+            summary = session.inspect_upload(path)
+        return format_summary(summary, f"{path.name} (upload, not yet in the adapter folder)"), summary
 
     @_shown_in_page()
     def on_add_upload(uploaded):
-        if not uploaded:
+        path = uploads.path(uploaded)
+        if path is None:
             raise InvalidArgumentError("upload a .safetensors file first")
-        file = session.add_upload(uploaded)
+        try:
+            file = session.add_upload(path)
+        finally:
+            uploads.discard(path)  # refused, or copied into the adapter folder
         return f"Added `{file}` to the adapter folder.", *lists.fresh()
 
     shown = [tab.summary, tab.details]
     tab.picker.change(on_inspect, inputs=tab.picker, outputs=shown, api_name="inspect", **FREE)
-    tab.upload.upload(on_inspect_upload, inputs=tab.upload, outputs=shown, api_name="inspect_upload", **FREE)
+    # preprocess=False: the callbacks get the upload's path in the cache (see _Uploads) and check its type
+    # themselves, in one line.
+    tab.upload.upload(on_inspect_upload, inputs=tab.upload, outputs=shown, api_name="inspect_upload",
+                      preprocess=False, **FREE)
     tab.add_button.click(on_add_upload, inputs=tab.upload, outputs=[tab.summary, *lists.outputs],
-                         api_name="add_upload", **FREE)
+                         api_name="add_upload", preprocess=False, **FREE)
 
 
 def _bind_train(session: WebUISession, tab: _TrainTab, lists: _AdapterLists) -> None:
@@ -417,7 +512,12 @@ def _bind_train(session: WebUISession, tab: _TrainTab, lists: _AdapterLists) -> 
             return _progress_html(status), preview, timer, status.finished_runs, *lists.fresh()
         return _progress_html(status), preview, timer, last_seen, *lists.unchanged()
 
+    def dataset_folders():
+        """The folders of the data root, fresh: the Train tab's dataset choices."""  # the API's description too
+        return gr.Dropdown(choices=session.training.dataset_folders())
+
     tab.button.click(on_train, inputs=tab.form, outputs=[tab.progress, tab.timer], api_name="train_start", **FREE)
+    tab.refresh_datasets.click(dataset_folders, outputs=tab.dataset, api_name="dataset_folders", **FREE)
     tab.timer.tick(on_tick, inputs=tab.seen_runs, outputs=[tab.progress, tab.preview, tab.timer, tab.seen_runs,
                                                            *lists.outputs],
                    api_visibility="private", show_progress="hidden", **FREE)
@@ -427,7 +527,7 @@ def build_app(session: WebUISession) -> gr.Blocks:
     """The Gradio page for ``session``: Generate, Blend & export, Inspect and Train tabs (element ids: see the
     module docstring)."""
     names = session.library.names()
-    with gr.Blocks(title="difflora", analytics_enabled=False) as app:
+    with _Page(title="difflora", analytics_enabled=False) as app:
         gr.Markdown(f"## difflora\nModel `{session.model_label}` · adapter folder `{session.root}`")
         generate = _generate_tab(session, names)
         blend = _blend_tab(names)

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import InvalidArgumentError, finite_number
+from ..errors import DiffloraError, InvalidArgumentError, finite_number
 from ..keys import ADAPTER_SUFFIX
 
 __all__ = [
@@ -43,12 +43,46 @@ SCHEDULERS: dict[str, str | None] = {
 
 @dataclass
 class AdapterSlot:
-    """One adapter row of the page: a file of the adapter folder, its weight, on/off, and optional block weights."""
+    """One adapter of a generation: a file of the adapter folder, its weight, on/off, and optional block weights.
+
+    ``row`` is the page's adapter row it came from (1…``SLOT_COUNT``) and ``tag`` the ``<lora:…>`` prompt tag, so
+    an error about its weight or block weights is told by the field that holds them (:meth:`parameter`).
+    """
 
     file: str | None
     weight: float = 1.0
     enabled: bool = True
     block_weights: str = ""
+    row: int | None = None
+    tag: str | None = None
+
+    def parameter(self, part: str) -> str:
+        """The form parameter holding this slot's ``part`` (``weight`` or ``block_weights``): ``weight_2`` for the
+        second row, ``prompt`` for a prompt tag, ``part`` itself for a slot from neither."""
+        if self.row is not None:
+            return f"{part}_{self.row}"
+        return "prompt" if self.tag else part
+
+    def told(self, error: DiffloraError, part: str) -> DiffloraError:
+        """``error``, raised about this slot's ``part`` (``weight`` or ``block_weights``), in the words of the slot's
+        own field: ``weight must be …`` becomes ``weight_2 must be …`` (parameter ``weight_2``, the page's second
+        row), ``prompt tag <lora:x:9>: weight must be …`` (parameter ``prompt``) or ``weight of x.safetensors must
+        be …``. The same kind of error, in one line."""
+        message = " ".join(str(error).split("\n"))
+        for prefix in dict.fromkeys(filter(None, (error.parameter, part))):
+            # The library's subject, with the runtime's name for the adapter if it gives one: "weight of 'x'".
+            subject = re.match(rf"{re.escape(prefix)}(?: of (?:adapter )?'[^']*')?(?=[ :])", message)
+            if subject:
+                rest = message[subject.end():]
+                break
+        else:
+            rest = ": " + message
+        parameter = self.parameter(part)
+        if self.row is not None:
+            return type(error)(parameter + rest, parameter)
+        if self.tag:
+            return type(error)(f"prompt tag {self.tag}: {part}{rest}", parameter)
+        return type(error)(f"{part.replace('_', ' ')} of {self.file}{rest}", parameter)
 
 
 _PROMPT_LORA = re.compile(r"<lora:([^:<>]+)(?::([^:<>]*))?>", re.IGNORECASE)
@@ -63,9 +97,10 @@ def parse_prompt_loras(prompt: str) -> tuple[str, list[AdapterSlot]]:
     slots = []
     for match in _PROMPT_LORA.finditer(prompt):
         name, weight_text = match.group(1).strip(), (match.group(2) or "").strip()
-        weight = finite_number(weight_text, f"prompt tag {match.group(0)}: weight") if weight_text else 1.0
+        tag = match.group(0)
+        weight = finite_number(weight_text, f"prompt tag {tag}: weight", "prompt") if weight_text else 1.0
         file = name if name.lower().endswith(ADAPTER_SUFFIX) else name + ADAPTER_SUFFIX
-        slots.append(AdapterSlot(file, weight))
+        slots.append(AdapterSlot(file, weight, tag=tag))
     text = _PROMPT_LORA.sub(" ", prompt)
     text = re.sub(r"[ \t]+", " ", text)
     text = re.sub(r" +([,.;])", r"\1", text)
@@ -120,8 +155,9 @@ class GenerateRequest:
             start = len(cls.FORM_FIELDS) + index * len(cls.SLOT_FIELDS)
             file, weight, enabled, blocks = values[start:start + len(cls.SLOT_FIELDS)]
             if file:
-                weight = finite_number(weight, f"weight of adapter {index + 1}")
-                slots.append(AdapterSlot(str(file), weight, bool(enabled), blocks or ""))
+                slot = AdapterSlot(str(file), weight, bool(enabled), blocks or "", row=index + 1)
+                slot.weight = finite_number(weight, slot.parameter("weight"), slot.parameter("weight"))
+                slots.append(slot)
         return cls(
             prompt=form["prompt"] or "",
             negative_prompt=form["negative_prompt"] or "",
@@ -155,7 +191,7 @@ class BlendRequest:
         """From ``SLOT_COUNT`` × (file, weight), then method, rank (0: none) and density."""
         _check_length(values, SLOT_COUNT * len(cls.SLOT_FIELDS) + len(cls.FORM_FIELDS), "Blend")
         pairs = [
-            (str(values[2 * i]), finite_number(values[2 * i + 1], f"blend weight {i + 1}"))
+            (str(values[2 * i]), finite_number(values[2 * i + 1], f"weight_{i + 1}", f"weight_{i + 1}"))
             for i in range(SLOT_COUNT)
             if values[2 * i]
         ]
@@ -166,7 +202,7 @@ class BlendRequest:
 
 @dataclass
 class TrainRequest:
-    """The Train tab. ``dataset`` is an absolute folder or a folder inside the adapter folder; it is only read."""
+    """The Train tab. ``dataset`` is a folder inside the data root (relative to it, or absolute); it is only read."""
 
     name: str
     dataset: str

@@ -9,6 +9,7 @@ stay loaded in the runtime (disabled when not asked for), so moving a weight sli
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import functools
 import os
@@ -17,7 +18,7 @@ import re
 import shutil
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,13 +27,13 @@ from .._files import atomic_path
 from ..adapter import AdapterState
 from ..blend import BlendResult, blend
 from ..blocks import BlockWeights
-from ..errors import AdapterFileError, InvalidArgumentError, finite_number
+from ..errors import AdapterFileError, DiffloraError, InvalidArgumentError, finite_number
 from ..formats import WRITE_LAYOUTS, read_adapter, write_adapter
 from ..generate import AdapterUse, GenerationSettings, generate, save_png
 from ..keys import ADAPTER_SUFFIX, adapter_name_from_path
 from ..reports import describe_adapter, error_summary, worst_modules
-from ..runtime import LoRARuntime
-from .library import OUTPUTS_FOLDER, AdapterLibrary, FileKey, adapter_file_name, resolve_inside
+from ..runtime import AdapterInfo, LoRARuntime
+from .library import OUTPUTS_FOLDER, AdapterLibrary, FileKey, adapter_file_name, existing_folder, resolve_inside
 from .requests import MODEL_SCHEDULER, SCHEDULERS, AdapterSlot, BlendRequest, GenerateRequest, parse_prompt_loras
 from .training_job import TrainingJob
 
@@ -87,7 +88,7 @@ class WebUISession:
     """
 
     def __init__(self, pipe, lora_dir: str | os.PathLike, model_label: str = "embedded",
-                 model_config: str | None = None) -> None:
+                 model_config: str | None = None, data_root: str | os.PathLike | None = None) -> None:
         self.pipe = pipe
         self.runtime = LoRARuntime.attach(pipe)
         self.library = AdapterLibrary(lora_dir)
@@ -98,19 +99,23 @@ class WebUISession:
         self._schedulers: dict[str, Any] = {MODEL_SCHEDULER: pipe.scheduler}
         # file name → runtime adapter, most recently used last; reloaded only when the file's FileKey changes
         self._loaded: collections.OrderedDict[str, _LoadedFile] = collections.OrderedDict()
-        self.training = TrainingJob(self.library, model_label, model_config, native_size=self.native_size)
+        self.training = TrainingJob(self.library, model_label, model_config, native_size=self.native_size,
+                                    data_root=data_root)
 
     @classmethod
     def open(cls, model: str, lora_dir: str | os.PathLike, *, device: str = "auto", dtype: str = "auto",
-             model_config: str | None = None) -> WebUISession:
-        """Load ``model`` (as ``--model`` names it) and start a session on ``lora_dir``."""
+             model_config: str | None = None, data_root: str | os.PathLike | None = None) -> WebUISession:
+        """Load ``model`` (as ``--model`` names it) and start a session on ``lora_dir``, training on datasets
+        inside ``data_root`` (``lora_dir`` when not given)."""
         from ..pipelines import load_pipeline, resolve_device, resolve_dtype
 
         AdapterLibrary(lora_dir)  # a missing folder fails before the (slow) model load
+        if data_root is not None:
+            existing_folder(data_root, "data_root")
         resolved_device = resolve_device(device)
         pipe = load_pipeline(model, device=resolved_device, dtype=resolve_dtype(dtype, resolved_device),
                              model_config=model_config, quiet=True)
-        return cls(pipe, lora_dir, model_label=str(model), model_config=model_config)
+        return cls(pipe, lora_dir, model_label=str(model), model_config=model_config, data_root=data_root)
 
     @property
     def root(self) -> Path:
@@ -148,20 +153,22 @@ class WebUISession:
 
     def _checked_slots(self, slots: list[AdapterSlot]) -> list[tuple[AdapterSlot, BlockWeights]]:
         """Each slot with its parsed block weights, refusing repeated files, bad names and bad numbers before
-        anything changes."""
+        anything changes; a bad number is told by the slot's own field."""
         files = [slot.file for slot in slots]
         repeated = sorted({file for file in files if files.count(file) > 1})
         if repeated:
             raise InvalidArgumentError(f"adapter {repeated[0]} is selected twice (slots or <lora:…> tags); use it once")
         checked = []
         for slot in slots:
-            has_blocks = bool(slot.block_weights and slot.block_weights.strip())
-            block_weights = (BlockWeights.parse(slot.block_weights, f"block weights of {slot.file}") if has_blocks
-                             else BlockWeights())
+            block_weights = BlockWeights()
+            if slot.block_weights and slot.block_weights.strip():
+                with _told_as(slot, "block_weights"):
+                    block_weights = BlockWeights.parse(slot.block_weights, "block_weights")
             checked.append((slot, block_weights))
         for slot, _ in checked:
             self.library.path_of(slot.file)
-            finite_number(slot.weight, f"weight of {slot.file}")
+            with _told_as(slot, "weight"):
+                slot.weight = finite_number(slot.weight, "weight", "weight")
         return checked
 
     def _apply_mix(self, slots: list[AdapterSlot], fuse: bool) -> list[AdapterUse]:
@@ -173,42 +180,74 @@ class WebUISession:
         checked = self._checked_slots(slots)
         if BLEND_PREVIEW_ADAPTER in self.runtime.adapters:
             self.runtime.remove(BLEND_PREVIEW_ADAPTER)
-        wanted: dict[str, tuple[float, BlockWeights]] = {}
+        # All or nothing: a number the runtime refuses (or a mix too large to fuse) puts the mix back as it was;
+        # files loaded for this request stay loaded, disabled.
+        before, was_fused = self.runtime.adapters, self.runtime.fused
+        wanted: dict[str, tuple[AdapterSlot, BlockWeights]] = {}
         uses = []
-        for slot, block_weights in checked:
-            if not slot.enabled:
-                continue  # off: it stays disabled (or unloaded) like every adapter not asked for
-            name = self._ensure_loaded(slot.file)
-            wanted[name] = (float(slot.weight), block_weights)
-            shown_blocks = None if block_weights.is_identity else str(block_weights)
-            uses.append(AdapterUse(name, float(slot.weight), slot.file, shown_blocks))
-        self._set_runtime_mix(wanted)
-        self._forget_old_files(keep=set(wanted))
-        if fuse and wanted and not self.runtime.fused:
-            self.runtime.fuse()
-        elif not fuse and self.runtime.fused:
-            self.runtime.unfuse()
+        try:
+            for slot, block_weights in checked:
+                if not slot.enabled:
+                    continue  # off: it stays disabled (or unloaded) like every adapter not asked for
+                name = self._ensure_loaded(slot.file)
+                wanted[name] = (slot, block_weights)
+                shown_blocks = None if block_weights.is_identity else str(block_weights)
+                uses.append(AdapterUse(name, float(slot.weight), slot.file, shown_blocks))
+            self._set_runtime_mix(wanted)
+            # Before fusing, which a removal would undo and redo; the adapters of the mix before stay for now, in
+            # case it must be put back.
+            self._forget_old_files(keep=set(wanted) | {name for name, info in before.items() if info.enabled})
+            if fuse and wanted and not self.runtime.fused:
+                self.runtime.fuse()
+            elif not fuse and self.runtime.fused:
+                self.runtime.unfuse()
+        except DiffloraError:
+            self._restore_mix(before, was_fused)
+            raise
         return uses
 
-    def _set_runtime_mix(self, wanted: dict[str, tuple[float, BlockWeights]]) -> None:
-        """Enable ``wanted`` (runtime name → weight, block weights) at its numbers and disable every other adapter."""
-        changes = []
-        for name, info in self.runtime.adapters.items():
+    def _set_runtime_mix(self, wanted: dict[str, tuple[AdapterSlot, BlockWeights]]) -> None:
+        """Enable ``wanted`` (runtime name → its slot, block weights) at the slot's numbers and disable every other
+        adapter; a number the runtime refuses is told by its slot's field."""
+        before, was_fused = self.runtime.adapters, self.runtime.fused
+        changes: list[tuple[AdapterSlot | None, str, Callable[[], None]]] = []  # (slot, the part it sets, change)
+        for name, info in before.items():
             if name not in wanted:
                 if info.enabled:
-                    changes.append(functools.partial(self.runtime.disable, name))
+                    changes.append((None, "", functools.partial(self.runtime.disable, name)))
                 continue
-            weight, block_weights = wanted[name]
-            if info.weight != weight:
-                changes.append(functools.partial(self.runtime.set_weight, name, weight))
+            slot, block_weights = wanted[name]
+            if info.weight != float(slot.weight):
+                changes.append((slot, "weight", functools.partial(self.runtime.set_weight, name, float(slot.weight))))
             if info.block_weights != block_weights:
-                changes.append(functools.partial(self.runtime.set_block_weights, name, block_weights))
+                changes.append((slot, "block_weights",
+                                functools.partial(self.runtime.set_block_weights, name, block_weights)))
             if not info.enabled:
-                changes.append(functools.partial(self.runtime.enable, name))
-        if changes and self.runtime.fused:
+                changes.append((None, "", functools.partial(self.runtime.enable, name)))
+        if changes and was_fused:
             self.runtime.unfuse()  # once, rather than an unfuse and fuse around every single change
-        for change in changes:
-            change()
+        for slot, part, change in changes:
+            if slot is None:
+                change()
+                continue
+            with _told_as(slot, part):
+                change()
+
+    def _restore_mix(self, before: dict[str, AdapterInfo], was_fused: bool) -> None:
+        """Put back the numbers of ``before`` (the runtime's adapters as they were), and fusing."""
+        for name, info in self.runtime.adapters.items():
+            old = before.get(name)
+            if old is None:
+                self.runtime.disable(name)
+                continue
+            if info.weight != old.weight:
+                self.runtime.set_weight(name, old.weight)
+            if info.block_weights != old.block_weights:
+                self.runtime.set_block_weights(name, old.block_weights)
+            if info.enabled != old.enabled:
+                self.runtime.enable(name, old.enabled)
+        if was_fused and not self.runtime.fused:
+            self.runtime.fuse()
 
     def _forget_old_files(self, keep: set[str]) -> None:
         """Remove the least recently used files from the runtime beyond ``MAX_CACHED_ADAPTERS``, and vanished ones."""
@@ -330,6 +369,15 @@ class WebUISession:
         with atomic_path(path) as temporary:
             shutil.copyfile(uploaded, temporary)
         return file
+
+
+@contextlib.contextmanager
+def _told_as(slot: AdapterSlot, part: str) -> Iterator[None]:
+    """Errors raised inside, about ``slot``'s ``part``, told by the slot's own field (:meth:`AdapterSlot.told`)."""
+    try:
+        yield
+    except DiffloraError as error:
+        raise slot.told(error, part) from None
 
 
 def _read_upload(path: Path) -> AdapterState:

@@ -1,7 +1,8 @@
 """Training from the web UI: at most one :func:`difflora.train.train` run at a time, in a background thread.
 
-The run writes its folder ``<lora-dir>/training/<name>/`` (config, logs, validation images); when it finishes, its
-adapter is copied atomically to ``<lora-dir>/<name>.safetensors``, where the adapter lists find it. The page polls
+The run reads its dataset from a folder inside the data root (``--data-root``, or the adapter folder when none is
+given), writes its folder ``<lora-dir>/training/<name>/`` (config, logs, validation images) and, when it finishes,
+its adapter is copied atomically to ``<lora-dir>/<name>.safetensors``, where the adapter lists find it. The page polls
 :meth:`TrainingJob.status`; nothing here knows about Gradio.
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import re
 import shutil
 import threading
@@ -18,7 +20,7 @@ from pathlib import Path
 from .._files import atomic_path
 from ..errors import DiffloraError, InvalidArgumentError
 from ..keys import ADAPTER_SUFFIX
-from .library import TRAINING_FOLDER, AdapterLibrary, adapter_file_name, resolve_inside
+from .library import OUTPUTS_FOLDER, TRAINING_FOLDER, AdapterLibrary, adapter_file_name, existing_folder, resolve_inside
 from .requests import TrainRequest
 
 __all__ = ["TrainingJob", "TrainingStatus"]
@@ -48,25 +50,48 @@ class TrainingJob:
     """
 
     def __init__(self, library: AdapterLibrary, model: str, model_config: str | None = None,
-                 native_size: int = 0) -> None:
+                 native_size: int = 0, data_root: str | os.PathLike | None = None) -> None:
         self.library = library
         self.model = model
         self.model_config = model_config
         self.native_size = native_size
+        # Datasets are read from inside this folder only (the adapter folder when none is given), as files are
+        # written inside the adapter folder only: a page must not turn the server's other folders into training data.
+        self.data_root = existing_folder(data_root, "data_root") if data_root is not None else library.root
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._status = TrainingStatus("idle")
 
+    @property
+    def data_place(self) -> str:
+        """How messages and the page call :attr:`data_root`."""
+        return "the adapter folder" if self.data_root == self.library.root else "the data root"
+
     def dataset_folder(self, text: str) -> Path:
-        """An absolute folder as typed, or a relative one inside the adapter folder. It must exist."""
+        """The folder ``text`` names inside :attr:`data_root`: relative to it, or absolute and inside it; folders
+        whose real path (symlinks followed) leaves it are refused. It must exist."""
         text = (text or "").strip()
         if not text:
-            raise InvalidArgumentError("dataset folder: type the folder holding the training images")
-        path = Path(text).expanduser()
-        folder = path.resolve() if path.is_absolute() else resolve_inside(self.library.root, text, "dataset folder")
+            raise InvalidArgumentError("dataset folder: choose or type the folder holding the training images")
+        folder = resolve_inside(self.data_root, text, "dataset folder", place=self.data_place, absolute=True)
         if not folder.is_dir():
-            raise InvalidArgumentError(f"dataset folder {text}: no such folder")
+            raise InvalidArgumentError(f"dataset folder {text!r}: no such folder in {self.data_place} {self.data_root}")
         return folder
+
+    def dataset_folders(self) -> list[str]:
+        """The folders at the top of :attr:`data_root`, sorted, for the page to offer; hidden folders, the UI's own
+        folders (outputs, training runs) and symlinks that lead out are not listed."""
+        own = {OUTPUTS_FOLDER, TRAINING_FOLDER} if self.data_root == self.library.root else set()
+        found = []
+        for entry in self.data_root.iterdir():
+            if entry.name.startswith(".") or entry.name in own:
+                continue
+            try:
+                if resolve_inside(self.data_root, entry.name, place=self.data_place).is_dir():
+                    found.append(entry.name)
+            except InvalidArgumentError:
+                continue
+        return sorted(found, key=str.lower)
 
     def _config(self, request: TrainRequest):
         from ..train import make_config
