@@ -5,7 +5,8 @@ from .blocks import BlockWeights
 from .errors import AdapterFileError, AdapterShapeError, DiffloraError, InvalidArgumentError, ModelLoadError
 from .adapter import AdapterState, LoRAModuleWeights
 from .formats import read_adapter, write_adapter
-from .lora import LoRAFactors, MultiLoRA, lora_scale
+from .lora import LoRAFactors, lora_scale
+from .multilora import MultiLoRA
 from .processors import AttentionSite, CLIPLoRAAttnProcessor, LoRAAttnProcessor
 from .runtime import AdapterInfo, LoRARuntime
 

@@ -41,8 +41,21 @@ class BlendResult:
 
 
 def _weighted_factors(module: LoRAModuleWeights, weight: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(up, down) in fp32 with the weight and the scale folded into ``up``: ``ΔW·weight = up @ down``."""
-    return module.up.float() * (weight * module.scale), module.down.float()
+    """(up, down) as fp32 matrices with the weight and the scale folded into ``up``: ``ΔW·weight = up @ down`` with
+    ``ΔW`` flattened to out × (in·kh·kw) for a conv. A Tucker core is folded into ``down`` (``mid ∘ down`` is a
+    rank × in × kh × kw conv), which is exact at the same rank."""
+    down = module.down.float()
+    if module.mid is not None:
+        down = torch.einsum("pqhw,qi->pihw", module.mid.float(), down.flatten(1))
+    return module.up.float().flatten(1) * (weight * module.scale), down.flatten(1)
+
+
+def _as_module(up: torch.Tensor, down: torch.Tensor, weight_shape: tuple[int, ...]) -> LoRAModuleWeights:
+    """Matrix factors back in the layer's shapes (4-D for a conv), at scale 1 (``alpha = rank``)."""
+    rank = down.shape[0]
+    if len(weight_shape) == 4:
+        down, up = down.reshape(rank, *weight_shape[1:]), up.reshape(weight_shape[0], rank, 1, 1)
+    return LoRAModuleWeights(down=down.contiguous(), up=up.contiguous(), alpha=float(rank))
 
 
 def _stacked(adapters: list[tuple[AdapterState, float]], module_key: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,14 +111,15 @@ def _check_options(adapters: list[tuple[AdapterState, float]], method: str, rank
         raise InvalidArgumentError(f"density must be in (0, 1], got {density}", parameter="density")
 
 
-def _check_shapes(adapters: list[tuple[AdapterState, float]], module_key: str) -> None:
-    shapes = {(tuple(s.modules[module_key].up.shape[:1]), tuple(s.modules[module_key].down.shape[1:]))
-              for s, _ in adapters if module_key in s.modules}
+def _check_shapes(adapters: list[tuple[AdapterState, float]], module_key: str) -> tuple[int, ...]:
+    """The shape of the weight every adapter's ``module_key`` changes; they must agree."""
+    shapes = {s.modules[module_key].weight_shape for s, _ in adapters if module_key in s.modules}
     if len(shapes) > 1:
         raise InvalidArgumentError(
             f"adapters disagree on the shape of {module_key!r}: {sorted(shapes)} (other base models?)",
             parameter="adapters",
         )
+    return shapes.pop()
 
 
 def blend(
@@ -123,7 +137,7 @@ def blend(
     module_keys = sorted({key for state, _ in adapters for key in state.modules})
     modules, errors = {}, {}
     for module_key in module_keys:
-        _check_shapes(adapters, module_key)
+        weight_shape = _check_shapes(adapters, module_key)
         if method in ("concat", "svd"):
             up, down = _stacked(adapters, module_key)
             if method == "svd":
@@ -132,7 +146,7 @@ def blend(
                 errors[module_key] = 0.0
         else:
             up, down, errors[module_key] = _merge_full(adapters, module_key, method, rank, density)
-        modules[module_key] = LoRAModuleWeights(down=down.contiguous(), up=up.contiguous(), alpha=float(down.shape[0]))
+        modules[module_key] = _as_module(up, down, weight_shape)
     metadata = {"difflora.blend": f"{method}" + (f", rank {rank}" if rank else "")}
     return BlendResult(AdapterState(modules=modules, metadata=metadata, source_format="difflora"), errors)
 
@@ -169,7 +183,8 @@ def scale_adapter(state: AdapterState, weight: float = 1.0, block_weights: Block
         component, _, path = module_key.partition(".")
         factor = weight * block_weights.factor(component, path)
         modules[module_key] = LoRAModuleWeights(
-            module.down.clone(), module.up * factor, module.alpha, module.use_rslora
+            module.down.clone(), module.up * factor, module.alpha, module.use_rslora,
+            mid=module.mid.clone() if module.mid is not None else None,
         )
     return AdapterState(modules=modules, metadata=dict(state.metadata), source_format=state.source_format)
 
@@ -184,7 +199,5 @@ def resize_adapter(state: AdapterState, rank: int | None = None, energy: float |
     for module_key, module in state.modules.items():
         up, down = _weighted_factors(module, 1.0)
         new_up, new_down, errors[module_key], _ = low_rank_approximation(up, down, rank=rank, energy=energy)
-        modules[module_key] = LoRAModuleWeights(
-            new_down.contiguous(), new_up.contiguous(), alpha=float(new_down.shape[0])
-        )
+        modules[module_key] = _as_module(new_up, new_down, module.weight_shape)
     return BlendResult(AdapterState(modules=modules, metadata=dict(state.metadata), source_format="difflora"), errors)

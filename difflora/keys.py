@@ -1,8 +1,9 @@
 """The names every room agrees on: pipeline components, attention projections, module keys, file suffixes.
 
-A module key names one adapted projection as ``<component>.<block path>.<projection>``, e.g.
-``unet.mid_block.attentions.0.transformer_blocks.0.attn2.to_k`` or ``text_encoder.encoder.layers.0.self_attn.q_proj``
-(text-encoder paths drop the ``text_model.`` prefix, which recent transformers removed and older files carry). File
+A module key names one adapted layer as ``<component>.<layer path>``: an attention projection
+(``unet.mid_block.attentions.0.transformer_blocks.0.attn2.to_k``, ``text_encoder.encoder.layers.0.self_attn.q_proj``)
+or any other Linear or Conv2d (``unet.down_blocks.0.resnets.0.conv1``, ``text_encoder.encoder.layers.0.mlp.fc1``).
+Text-encoder paths drop the ``text_model.`` prefix, which recent transformers removed and older files carry. File
 formats translate their own key spellings to and from these; the runtime places adapters by them.
 """
 
@@ -23,8 +24,10 @@ __all__ = [
     "adapter_name_from_path",
     "is_pickle",
     "join_module_key",
+    "layer_name",
     "projections_of",
     "split_module_key",
+    "split_projection",
 ]
 
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
@@ -44,22 +47,47 @@ def projections_of(component: str) -> tuple[str, ...]:
     return UNET_PROJECTIONS if component == "unet" else CLIP_PROJECTIONS
 
 
-def join_module_key(component: str, path: str, projection: str) -> str:
-    """``("unet", "mid_block.attentions.0.transformer_blocks.0.attn1", "to_q")`` → ``"unet.mid_block….attn1.to_q"``."""
-    return f"{component}.{path}.{projection}"
+def join_module_key(component: str, path: str, projection: str | None = None) -> str:
+    """``("unet", "mid_block.attentions.0.transformer_blocks.0.attn1", "to_q")`` → ``"unet.mid_block….attn1.to_q"``;
+    without ``projection``, ``path`` is the layer's own path."""
+    return f"{component}.{path}.{projection}" if projection else f"{component}.{path}"
 
 
-def split_module_key(key: str) -> tuple[str, str, str]:
-    """``unet.a.b.attn1.to_out.0`` → ``("unet", "a.b.attn1", "to_out.0")``.
+def split_module_key(key: str) -> tuple[str, str]:
+    """``unet.down_blocks.0.resnets.0.conv1`` → ``("unet", "down_blocks.0.resnets.0.conv1")``.
 
     Raises:
-        AdapterFileError: the key does not end in one of the attention projections.
+        AdapterFileError: the key names no pipeline component and layer.
     """
-    component, _, rest = key.partition(".")
+    component, _, path = key.partition(".")
+    if component not in COMPONENTS or not path:
+        raise AdapterFileError(f"module {key!r} is not <component>.<layer path> with a component of {COMPONENTS}")
+    return component, path
+
+
+def split_projection(path: str) -> tuple[str, str] | None:
+    """``a.b.attn1.to_out.0`` → ``("a.b.attn1", "to_out.0")`` for a layer that is an attention projection by its
+    name; ``None`` for any other layer."""
     for projection in UNET_PROJECTIONS + CLIP_PROJECTIONS:
-        if rest.endswith("." + projection):
-            return component, rest[: -len(projection) - 1], projection
-    raise AdapterFileError(f"module {key!r} is not a q/k/v/out attention projection")
+        if path.endswith("." + projection):
+            return path[: -len(projection) - 1], projection
+    return None
+
+
+# Containers of diffusers' UNets and transformers' CLIP encoders whose children are numbered blocks.
+_NUMBERED_CONTAINERS = ("down_blocks", "up_blocks", "attentions", "resnets", "transformer_blocks", "layers")
+
+
+def layer_name(path: str) -> str:
+    """What a layer is called within its block, for summaries: ``to_q`` (an attention projection), ``conv1``,
+    ``ff.net.0.proj``, ``proj_in``, ``mlp.fc1``, ``downsamplers.0.conv``, ``conv_in``."""
+    projection = split_projection(path)
+    if projection:
+        return projection[1]
+    parts = path.split(".")
+    last_block = max((i + 1 for i in range(len(parts) - 1)
+                      if parts[i] in _NUMBERED_CONTAINERS and parts[i + 1].isdigit()), default=-1)
+    return ".".join(parts[last_block + 1:]) if last_block >= 0 else path
 
 
 def is_pickle(path: str | os.PathLike) -> bool:

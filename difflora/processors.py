@@ -22,17 +22,20 @@ from torch import nn
 
 from .blocks import block_of
 from .errors import AdapterShapeError
-from .keys import CLIP_PROJECTIONS, UNET_PROJECTIONS, join_module_key
-from .lora import MultiLoRA
+from .keys import CLIP_PROJECTIONS, UNET_PROJECTIONS, join_module_key, projections_of
+from .multilora import MultiLoRA
 
 __all__ = [
     "AttentionSite",
     "CLIPLoRAAttnProcessor",
     "InstalledProcessors",
+    "LayerHost",
+    "LayerSite",
     "LoRAAttnProcessor",
     "SiteOnModel",
     "attention_sites",
     "install_processors",
+    "layer_sites",
     "text_encoder_attention_sites",
     "unet_attention_sites",
 ]
@@ -303,22 +306,42 @@ class InstalledProcessors:
         self.unet = unet
         self.sites = sites
         self.hosts = hosts
+        self.layer_hosts: dict[str, LayerHost] = {}  # module key → the host of a layer outside attention
         self._original_unet_processors = original_unet_processors
 
-    def branches(self) -> Iterator[tuple[str, MultiLoRA, nn.Linear]]:
-        """(module key ``<site key>.<projection>``, branch, adapted layer) for every projection of every host."""
+    def branches(self) -> Iterator[tuple[str, MultiLoRA, nn.Linear | nn.Conv2d]]:
+        """(module key, branch, adapted layer) for every projection of every attention host, then every layer
+        host."""
         for site_key, host in self.hosts.items():
             for projection, branch, layer in host.projection_branches(self.sites[site_key].attention):
                 site = self.sites[site_key].site
                 yield join_module_key(site.component, site.path, projection), branch, layer
+        for module_key, layer_host in self.layer_hosts.items():
+            yield module_key, layer_host.branch, layer_host.site.layer
+
+    def host_layers(self, layers: list[LayerSite]) -> None:
+        """Put a host on each of ``layers`` that has none yet (build all first, then install: nothing half done)."""
+        new = {site.module_key: LayerHost(site) for site in layers if site.module_key not in self.layer_hosts}
+        for module_key, layer_host in new.items():
+            layer_host.install()
+            self.layer_hosts[module_key] = layer_host
+
+    def drop_idle_layer_hosts(self) -> None:
+        """Remove the hosts of layers no adapter is on any more, so an unused layer costs nothing."""
+        for module_key, layer_host in list(self.layer_hosts.items()):
+            if not len(layer_host.branch.adapters):
+                layer_host.uninstall()
+                del self.layer_hosts[module_key]
 
     def restore(self) -> None:
         for site_key, host in self.hosts.items():
             if isinstance(host, CLIPLoRAAttnProcessor):
                 host.uninstall()
                 delattr(self.sites[site_key].attention, _HOST_ATTRIBUTE)
+        for layer_host in self.layer_hosts.values():
+            layer_host.uninstall()
         self.unet.set_attn_processor(self._original_unet_processors)
-        self.hosts = {}
+        self.hosts, self.layer_hosts = {}, {}
 
 
 def install_processors(unet: nn.Module, sites: dict[str, SiteOnModel]) -> InstalledProcessors:
@@ -342,3 +365,77 @@ def install_processors(unet: nn.Module, sites: dict[str, SiteOnModel]) -> Instal
             attention.add_module(_HOST_ATTRIBUTE, host)
             host.install(attention)
     return InstalledProcessors(unet, sites, hosts, originals)
+
+
+# ----- every other layer: a thin host on a forward hook ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LayerSite:
+    """A Linear or Conv2d of a pipeline component outside the attention projections (feed-forward, ``proj_in``/
+    ``proj_out``, resnet and sampler convs, ``conv_in``/``conv_out``, time embeddings, CLIP's MLP, …)."""
+
+    component: str
+    path: str
+    layer: nn.Module
+
+    @property
+    def module_key(self) -> str:
+        return join_module_key(self.component, self.path)
+
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        return tuple(self.layer.weight.shape)
+
+
+def _hostable(module: nn.Module) -> bool:
+    # LoRA on a grouped or non-zero-padded conv is not what files mean by LoCon; Stable Diffusion has neither.
+    if isinstance(module, nn.Conv2d):
+        return module.groups == 1 and module.padding_mode == "zeros"
+    return isinstance(module, nn.Linear)
+
+
+def layer_sites(components: dict[str, nn.Module], attention: dict[str, SiteOnModel]) -> dict[str, LayerSite]:
+    """Every Linear and Conv2d of ``components`` by module key, but the projections of the attention blocks in
+    ``attention`` (their processors host those)."""
+    projections = {id(placed.attention.get_submodule(projection))
+                   for placed in attention.values() for projection in projections_of(placed.site.component)}
+    found: dict[str, LayerSite] = {}
+    for component, model in components.items():
+        for name, module in model.named_modules():
+            if name and _hostable(module) and id(module) not in projections:
+                site = LayerSite(component, name.removeprefix("text_model."), module)
+                found[site.module_key] = site
+    return found
+
+
+class LayerHost(nn.Module):
+    """The thin host of one Linear or Conv2d: a :class:`MultiLoRA` whose ``Σ m s B A x`` a forward hook adds to the
+    layer's output, so the layer's own forward (and any hook or offloading on it) runs unchanged. It is a submodule
+    of the layer while installed, so it follows the model's ``.to(device)``."""
+
+    def __init__(self, site: LayerSite) -> None:
+        super().__init__()
+        layer = site.layer
+        self.site = site
+        self.conv = isinstance(layer, nn.Conv2d)
+        in_features = layer.in_channels if self.conv else layer.in_features
+        out_features = layer.out_channels if self.conv else layer.out_features
+        kernel = tuple(layer.kernel_size) if self.conv else None
+        self.branch = MultiLoRA(in_features, out_features, site.module_key, kernel)
+        self._hook_handle = None
+
+    def _add_delta(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+        delta = self.branch.delta(inputs[0], module if self.conv else None)
+        return output if delta is None else output + delta.to(output.dtype)
+
+    def install(self) -> None:
+        self.uninstall()
+        self.site.layer.add_module(_HOST_ATTRIBUTE, self)
+        self._hook_handle = self.site.layer.register_forward_hook(self._add_delta)
+
+    def uninstall(self) -> None:
+        if self._hook_handle is not None:
+            self._hook_handle.remove()
+            self._hook_handle = None
+            delattr(self.site.layer, _HOST_ATTRIBUTE)

@@ -34,9 +34,24 @@ from .adapter import AdapterState, LoRAModuleWeights
 from .blocks import BlockWeights
 from .errors import AdapterFileError, AdapterShapeError, InvalidArgumentError
 from .formats import read_adapter, write_adapter
-from .keys import TEXT_ENCODERS, adapter_name_from_path, join_module_key, projections_of, split_module_key
-from .lora import INITIALISATIONS, LoRAFactors, MultiLoRA, adapter_weight, initial_factors
-from .processors import InstalledProcessors, SiteOnModel, attention_sites, install_processors
+from .keys import (
+    TEXT_ENCODERS,
+    adapter_name_from_path,
+    join_module_key,
+    projections_of,
+    split_module_key,
+    split_projection,
+)
+from .lora import INITIALISATIONS, LoRAFactors, adapter_weight, initial_factors
+from .multilora import MultiLoRA
+from .processors import (
+    InstalledProcessors,
+    LayerSite,
+    SiteOnModel,
+    attention_sites,
+    install_processors,
+    layer_sites,
+)
 
 __all__ = ["LoRARuntime", "AdapterInfo"]
 
@@ -72,6 +87,7 @@ class LoRARuntime:
             if encoder is not None:
                 self.components[name] = encoder
         self._sites: dict[str, SiteOnModel] = attention_sites(self.components)
+        self._layers: dict[str, LayerSite] = layer_sites(self.components, self._sites)
         self._installed: InstalledProcessors | None = None  # while any adapter is loaded
         self._adapters: dict[str, AdapterInfo] = {}
         self._fused = False
@@ -162,40 +178,65 @@ class LoRARuntime:
                 f"an adapter named {name!r} is already loaded; remove it or pick another name", "name"
             )
 
-    def _check_fits(self, state: AdapterState, source: str) -> None:
-        """Raise before anything changes if a module of ``state`` has no place in this model or does not fit it."""
-        for module_key, weights in state.modules.items():
-            component, path, projection = split_module_key(module_key)
-            site_key = f"{component}.{path}"
-            if site_key not in self._sites:
-                raise AdapterShapeError(f"{source}: module {module_key!r} is not an attention projection of this model")
+    def _place(self, module_key: str, source: str) -> tuple[tuple[int, ...], torch.device]:
+        """The shape of the weight ``module_key`` adapts in this model and its device, or :class:`AdapterShapeError`
+        naming the module: no such layer, or an attention block running another processor."""
+        try:
+            component, path = split_module_key(module_key)
+        except AdapterFileError:
+            raise AdapterShapeError(f"{source}: module {module_key!r} is not a layer of this model") from None
+        projection = split_projection(path)
+        site_key = f"{component}.{projection[0]}" if projection else None
+        if site_key in self._sites:
             placed = self._sites[site_key]
             if not self._takes_lora(site_key):
                 raise AdapterShapeError(
                     f"{source}: {site_key} runs {type(placed.attention.processor).__name__}, not diffusers' "
                     "standard attention; difflora does not put LoRA there"
                 )
-            in_features, out_features = placed.site.projection_shapes(projections_of(component))[projection]
-            expected_down, expected_up = (weights.rank, in_features), (out_features, weights.rank)
-            if tuple(weights.down.shape) != expected_down or tuple(weights.up.shape) != expected_up:
-                raise AdapterShapeError(
-                    f"{source}: module {module_key!r} has down {tuple(weights.down.shape)} and up "
-                    f"{tuple(weights.up.shape)}, the model needs down {expected_down} and up {expected_up}"
-                )
-            if not (torch.isfinite(weights.down).all() and torch.isfinite(weights.up).all()):
-                raise AdapterShapeError(f"{source}: module {module_key!r} holds NaN or inf values")
+            in_features, out_features = placed.site.projection_shapes(projections_of(component))[projection[1]]
+            return (out_features, in_features), next(placed.attention.parameters()).device
+        if module_key in self._layers:
+            layer = self._layers[module_key].layer
+            return tuple(layer.weight.shape), layer.weight.device
+        raise AdapterShapeError(f"{source}: module {module_key!r} is not a layer of this model")
 
-    def _build_factors(self, state: AdapterState) -> dict[str, LoRAFactors]:
-        """Frozen fp32 factors for every module of ``state``, each on the device of the layer it adapts."""
+    @staticmethod
+    def _fitted(
+        weights: LoRAModuleWeights, shape: tuple[int, ...], module_key: str, source: str
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``(down, up, mid)`` of ``weights`` for a weight of ``shape``: as they are, or reshaped between a Linear and
+        a 1 × 1 Conv2d (SD 1.x's ``proj_in``/``proj_out`` are 1 × 1 convs, SD 2.x's and SDXL's Linears, and files
+        made for one are applied to the other, as A1111 and ComfyUI do)."""
+        down, up, mid = weights.down, weights.up, weights.mid
+        if weights.weight_shape == shape:
+            return down, up, mid
+        if mid is None and weights.weight_shape[:2] == shape[:2]:
+            if len(shape) == 2 and down.ndim == 4 and tuple(down.shape[2:]) == (1, 1):
+                return down.flatten(1), up.flatten(1), None
+            if shape[2:] == (1, 1) and down.ndim == 2:
+                return down[:, :, None, None], up[:, :, None, None], None
+        raise AdapterShapeError(
+            f"{source}: module {module_key!r} changes a weight of shape {weights.weight_shape} (down "
+            f"{tuple(down.shape)}, up {tuple(up.shape)}), the model's is {shape}"
+        )
+
+    def _build_factors(self, state: AdapterState, source: str) -> dict[str, LoRAFactors]:
+        """Frozen fp32 factors for every module of ``state``, each on the device of the layer it adapts, checked to
+        fit: raises before anything changes if a module has no place in this model or does not fit it."""
         built = {}
         for module_key, weights in state.modules.items():
-            component, path, _ = split_module_key(module_key)
-            device = next(self._sites[f"{component}.{path}"].attention.parameters()).device
+            problem = weights.problem()
+            if problem:
+                raise AdapterShapeError(f"{source}: module {module_key!r} {problem}")
+            shape, device = self._place(module_key, source)
+            down, up, mid = self._fitted(weights, shape, module_key, source)
             factors = LoRAFactors.from_tensors(
-                weights.down.to(device=device, dtype=torch.float32),
-                weights.up.to(device=device, dtype=torch.float32),
+                down.to(device=device, dtype=torch.float32),
+                up.to(device=device, dtype=torch.float32),
                 alpha=weights.alpha,
                 use_rslora=weights.use_rslora,
+                mid=mid.to(device=device, dtype=torch.float32) if mid is not None else None,
             )
             factors.requires_grad_(False)
             built[module_key] = factors
@@ -231,14 +272,15 @@ class LoRARuntime:
             logger.warning("%s: not loaded: %s", where, state.skipped_summary())
         weight = adapter_weight(weight, f"weight of {name!r}")
         block_weights = self._checked_block_weights(block_weights)
-        self._check_fits(state, where)
-        # Every factor is built before the model changes, so a failure here (bad values, out of memory) changes nothing.
-        built = self._build_factors(state)
+        # Every factor is built (and checked to fit) before the model changes, so a failure here (a module with no
+        # place in this model, bad values, out of memory) changes nothing.
+        built = self._build_factors(state, where)
         with self._changing():
             if name in self._adapters:
                 self._remove_factors(name)
             if self._installed is None:
                 self._installed = install_processors(self.components["unet"], self._sites)
+            self._installed.host_layers([self._layers[key] for key in built if key in self._layers])
             for module_key, branch, _ in self._branches():
                 if module_key in built:
                     branch.add(name, built[module_key], multiplier=0.0)
@@ -347,6 +389,8 @@ class LoRARuntime:
     def _remove_factors(self, name: str) -> None:
         for _, branch, _ in self._branches():
             branch.remove(name)
+        if self._installed is not None:
+            self._installed.drop_idle_layer_hosts()
         self._adapters.pop(name, None)
 
     def _uninstall(self) -> None:

@@ -8,7 +8,8 @@ from torch import nn
 
 from difflora.errors import FuseError, InvalidArgumentError
 import difflora.lora as lora_module
-from difflora.lora import LoRAFactors, MultiLoRA, lora_scale, merged_form_is_cheaper
+from difflora.lora import LoRAFactors, lora_scale, merged_form_is_cheaper
+from difflora.multilora import MultiLoRA
 
 
 def random_factors(in_features, out_features, rank, alpha, seed, use_rslora=False):
@@ -163,8 +164,11 @@ def test_fuse_refuses_non_finite_result_and_changes_nothing():
 
 def test_shape_mismatch_names_both_shapes():
     branch = MultiLoRA(6, 4)
-    with pytest.raises(InvalidArgumentError, match="6→4"):
+    with pytest.raises(InvalidArgumentError, match=r"shape \(4, 5\), the layer's is \(4, 6\)"):
         branch.add("a", LoRAFactors(5, 4, rank=2))
+    conv = MultiLoRA(6, 4, kernel_size=(3, 3))
+    with pytest.raises(InvalidArgumentError, match=r"shape \(4, 6, 1, 1\), the layer's is \(4, 6, 3, 3\)"):
+        conv.add("a", LoRAFactors(6, 4, rank=2, kernel_size=(1, 1)))
 
 
 def force(monkeypatch, form: str) -> None:

@@ -202,7 +202,7 @@ def test_bad_adapters_leave_the_pipeline_as_it_was(pipe):
     assert first_key in message and str(tuple(module.down[:, :-1].shape)) in message and "\n" not in message
 
     unknown = AdapterState(modules={"unet.nowhere.attn1.to_q": module})
-    with pytest.raises(AdapterShapeError, match="not an attention projection"):
+    with pytest.raises(AdapterShapeError, match="is not a layer of this model"):
         runtime.add_adapter("unknown", unknown)
     with pytest.raises(InvalidArgumentError, match="already loaded"):
         runtime.add_adapter("good", good)

@@ -14,7 +14,8 @@ from difflora.cli import main
 from difflora.errors import FuseError, InvalidArgumentError
 from difflora.formats import write_adapter
 from difflora.generate import GenerationSettings, generate
-from difflora.lora import LoRAFactors, MultiLoRA, adapter_weight
+from difflora.lora import LoRAFactors, adapter_weight
+from difflora.multilora import MultiLoRA
 from difflora.pipelines import load_pipeline
 
 from helpers import random_adapter

@@ -1,0 +1,306 @@
+"""Several named adapters on one layer: their sum, the forms that compute it, the range check, exact fusing.
+
+Torch only, like :mod:`difflora.lora` whose :class:`~difflora.lora.LoRAFactors` it holds. The hosts
+(:mod:`difflora.processors`) own a :class:`MultiLoRA` per adapted layer; the runtime sets its multipliers.
+
+Two limits keep a mix from making an all-black image: a user's weight lies in [-100, 100]
+(:func:`~difflora.lora.adapter_weight`), and :meth:`MultiLoRA.check_range` refuses a mix whose ``m · s · B A`` does
+not fit the layer's dtype (fp16 holds 65504), naming the adapter and the module, before a forward pass or a fuse
+uses it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.modules import module as _module_globals
+
+from .errors import DiffloraError, FuseError, InvalidArgumentError
+from .lora import LoRAFactors, merged_form_is_cheaper
+
+__all__ = ["ActiveAdapter", "AdapterDict", "MultiLoRA"]
+
+
+_GLOBAL_HOOKS = (
+    "_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks", "_global_backward_pre_hooks"
+)
+
+
+def _runs_plain_forward(base: nn.Module, x: torch.Tensor) -> bool:
+    """Whether ``base(x)`` is just ``F.linear(x, base.weight, base.bias)``: a plain ``nn.Linear`` with a plain weight on
+    ``x``'s device, its ``forward`` not replaced (accelerate's offload and device-map hooks replace it on the
+    instance) and no module hooks of its own or global ones."""
+    return (
+        type(base) is nn.Linear
+        and type(base.weight) is nn.Parameter
+        and base.weight.device == x.device
+        and "forward" not in base.__dict__
+        and not hasattr(base, "_hf_hook")
+        and not (base._forward_hooks or base._forward_pre_hooks or base._backward_hooks or base._backward_pre_hooks)
+        and not any(getattr(_module_globals, name, None) for name in _GLOBAL_HOOKS)
+    )
+
+
+
+class AdapterDict(nn.Module):
+    """Adapters by name, registered as submodules (so ``.to()`` and ``state_dict()`` see them).
+
+    Unlike ``nn.ModuleDict`` it accepts any name without a dot, including ones that are ``nn.Module`` attributes
+    (an adapter may well be called ``train``): entries live in ``_modules`` and are only reached by ``[name]``.
+    """
+
+    def __setitem__(self, name: str, module: nn.Module) -> None:
+        if not isinstance(name, str) or not name or "." in name:
+            raise InvalidArgumentError(f"adapter name {name!r} must be a non-empty string without dots")
+        self._modules[name] = module
+
+    def __getitem__(self, name: str) -> nn.Module:
+        return self._modules[name]
+
+    def __delitem__(self, name: str) -> None:
+        del self._modules[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._modules
+
+    def __iter__(self):
+        return iter(self._modules)
+
+    def __len__(self) -> int:
+        return len(self._modules)
+
+    def items(self):
+        return self._modules.items()
+
+
+@dataclass(frozen=True)
+class ActiveAdapter:
+    name: str
+    factors: LoRAFactors
+    multiplier: float
+
+
+class MultiLoRA(nn.Module):
+    """Several named adapters on one layer: ``y = W x + b + Σ_a m_a · s_a · B_a A_a x`` (a Linear), or the same with
+    convolutions (a Conv2d with ``kernel_size``).
+
+    The host (an attention processor, or a layer's hook) computes ``W x + b`` and adds :meth:`delta`. Each adapter's
+    multiplier ``m_a`` is a plain float set by the runtime; an adapter with multiplier 0 costs nothing. On a Linear
+    without gradients, the active adapters are stacked into one pair of matrices (``[A_1; A_2; …]`` and
+    ``[m_1 s_1 B_1, m_2 s_2 B_2, …]``), so any number of adapters costs two matmuls; the stack is rebuilt only when a
+    multiplier or a factor changes.
+
+    :meth:`fuse` writes ``W + Σ m s B A`` (computed in fp32, cast once) into the base layer and keeps the original
+    weight, so :meth:`unfuse` restores it bit-exactly however many times it is done.
+
+    Before a forward pass without gradients and before a fuse, :meth:`check_range` refuses a mix that the layer's
+    dtype cannot hold; ``module`` (the module key, e.g. ``unet.….attn1.to_q``) names the layer in its message.
+    """
+
+    def __init__(
+        self, in_features: int, out_features: int, module: str = "", kernel_size: tuple[int, int] | None = None
+    ) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.kernel_size = tuple(kernel_size) if kernel_size is not None else None
+        self.module = module
+        self.adapters = AdapterDict()
+        self.multipliers: dict[str, float] = {}
+        self.fused = False
+        self._stack_key: tuple | None = None
+        self._stack: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._checked_key: tuple | None = None
+
+    # ----- adapters -------------------------------------------------------------------------------------------
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        """The shape of the adapted weight: (out, in) or (out, in, kh, kw)."""
+        return (self.out_features, self.in_features, *(self.kernel_size or ()))
+
+    def add(self, name: str, factors: LoRAFactors, multiplier: float = 1.0) -> None:
+        if factors.weight_shape != self.weight_shape:
+            raise InvalidArgumentError(
+                f"adapter {name!r}: factors change a weight of shape {factors.weight_shape}, "
+                f"the layer's is {self.weight_shape}"
+            )
+        self.adapters[name] = factors
+        self.multipliers[name] = float(multiplier)
+        self._stack_key = None
+
+    def remove(self, name: str) -> None:
+        if name in self.adapters:
+            del self.adapters[name]
+            self.multipliers.pop(name, None)
+            self._stack_key = None
+
+    def set_multiplier(self, name: str, multiplier: float) -> None:
+        if name in self.adapters:
+            self.multipliers[name] = float(multiplier)
+
+    def active(self) -> list[ActiveAdapter]:
+        return [
+            ActiveAdapter(name, factors, self.multipliers[name])
+            for name, factors in self.adapters.items()
+            if self.multipliers.get(name, 0.0) != 0.0
+        ]
+
+    # ----- the range check ------------------------------------------------------------------------------------
+    @staticmethod
+    def _mix_key(active: list[ActiveAdapter]) -> tuple:
+        # Parameter._version changes on every in-place update (optimizer steps, load_state_dict), so a key built
+        # from it never matches a changed factor.
+        return tuple((a.name, a.multiplier, a.factors.version(), a.factors.scale) for a in active)
+
+    def check_range(self, dtype: torch.dtype, error: type[DiffloraError] = InvalidArgumentError) -> None:
+        """Refuse the active mix if an adapter's ``m · s · B A`` (fp32) or its scaled factor ``m · s · B`` is not
+        finite or exceeds what ``dtype`` holds (``torch.finfo(dtype).max``: 65504 for fp16), naming the adapter, the
+        module and the numbers: ``error`` (:class:`InvalidArgumentError`, or :class:`FuseError` from :meth:`fuse`)
+        with ``parameter="weight"``.
+
+        Cheap: a bound first (no product), the exact maximum only when the bound is over the limit; each adapter's
+        numbers are cached until its factors change, and a mix already checked for ``dtype`` is not checked again.
+        """
+        active = self.active()
+        key = (dtype, self._mix_key(active))
+        if key == self._checked_key or not dtype.is_floating_point:
+            return
+        limit = torch.finfo(dtype).max
+        for adapter in active:
+            multiplier = abs(adapter.multiplier)
+            bound, largest_up = adapter.factors.largest_entries()
+            if multiplier * bound <= limit and multiplier * largest_up <= limit:
+                continue
+            largest_change, _ = adapter.factors.largest_entries(exact=True)
+            reached = max(multiplier * largest_change, multiplier * largest_up)
+            if not reached <= limit:  # inf and NaN included
+                dtype_name = str(dtype).removeprefix("torch.")
+                raise error(
+                    f"weight of adapter {adapter.name!r} is too large for {self.module or 'this layer'} in "
+                    f"{dtype_name}: at multiplier {adapter.multiplier:g} (weight × block weight) its change reaches "
+                    f"{reached:.3g}, more than {dtype_name} holds ({limit:g}); use a smaller weight", "weight")
+        self._checked_key = key
+
+    # ----- forward --------------------------------------------------------------------------------------------
+    def linear(self, base: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        """``base(x) + Σ m s B A x``, in the merged or the factored form, whichever costs less for this ``x``.
+
+        The merged form calls ``F.linear`` with the base layer's tensors, so it is only taken where that is all the
+        layer's forward would do (:func:`_runs_plain_forward`); offloaded, hooked and quantised layers run their own.
+        """
+        if self.fused:
+            return base(x)
+        active = self.active()
+        if not active:
+            return base(x)
+        trainable = self._trainable(active)
+        if not trainable:
+            self.check_range(x.dtype)
+        tokens = x.numel() // x.shape[-1] if x.ndim else 1
+        total_rank = sum(a.factors.rank for a in active)
+        if _runs_plain_forward(base, x) and merged_form_is_cheaper(
+            tokens, self.in_features, self.out_features, total_rank, trainable and torch.is_grad_enabled()
+        ):
+            weight = base.weight.float() + self._merged_delta(active, trainable, x.device)
+            return F.linear(x, weight.to(x.dtype), base.bias)
+        delta = self.delta(x)
+        output = base(x)
+        return output + delta.to(output.dtype)
+
+    def _merged_delta(self, active: list[ActiveAdapter], trainable: bool, device: torch.device) -> torch.Tensor:
+        if trainable:  # each adapter's own graph, never the cached stack (as in delta())
+            return self.delta_weight()
+        down_stack, up_stack = self._stacked(active, torch.float32, device)
+        return up_stack @ down_stack
+
+    @staticmethod
+    def _trainable(active: list[ActiveAdapter]) -> bool:
+        return any(factor.requires_grad for a in active for factor in a.factors.factors())
+
+    def delta(self, x: torch.Tensor, conv: nn.Conv2d | None = None) -> torch.Tensor | None:
+        """``Σ m s B A x``, or ``None`` when nothing is active or fused: for a Linear ``x`` of shape
+        (..., in_features); for a Conv2d ``x`` of shape (batch, in, h, w) and ``conv`` the layer (its stride, padding
+        and dilation)."""
+        if self.fused:
+            return None
+        active = self.active()
+        if not active:
+            return None
+        trainable = self._trainable(active)
+        if not trainable:
+            self.check_range(x.dtype)
+        if trainable or self.kernel_size is not None:
+            # Trainable factors: keep each adapter's own graph (the factors may be fp32 while x is fp16/bf16 under
+            # autocast), and never cache them: optimizers may write them through .data, unseen by _version. Convs:
+            # each adapter's own pair (their kernels and cores need not stack).
+            total = None
+            for adapter in active:
+                term = adapter.factors(x, adapter.multiplier, conv)
+                total = term if total is None else total + term
+            return total
+        down_stack, up_stack = self._stacked(active, x.dtype, x.device)
+        return (x @ down_stack.t()) @ up_stack.t()
+
+    def _stacked(self, active: list[ActiveAdapter], dtype: torch.dtype, device: torch.device):
+        key = (dtype, device, self._mix_key(active))  # a stale stack is never used (see _mix_key)
+        if key != self._stack_key:
+            with torch.no_grad():
+                down_stack = torch.cat([a.factors.down.float() for a in active], dim=0)
+                up_stack = torch.cat([a.factors.up.float() * (a.multiplier * a.factors.scale) for a in active], dim=1)
+            self._stack = (down_stack.to(device=device, dtype=dtype), up_stack.to(device=device, dtype=dtype))
+            self._stack_key = key
+        return self._stack
+
+    def delta_weight(self) -> torch.Tensor | None:
+        """``Σ m s B A`` in fp32, shaped like the weight, or ``None`` when nothing is active."""
+        total = None
+        for adapter in self.active():
+            term = adapter.factors.delta_weight() * adapter.multiplier
+            total = term if total is None else total + term
+        return total
+
+    # ----- fusing ---------------------------------------------------------------------------------------------
+    def fuse(self, base: nn.Linear | nn.Conv2d) -> None:
+        """Write the active mix into ``base.weight`` and keep the original for :meth:`unfuse`."""
+        if self.fused:
+            raise RuntimeError("already fused; unfuse first")
+        self.check_range(base.weight.dtype, FuseError)
+        delta = self.delta_weight()
+        original = base.weight.detach().clone()
+        if delta is not None:
+            fused = (original.float() + delta.to(original.device)).to(original.dtype)
+            if not torch.isfinite(fused).all():
+                raise FuseError(f"fusing would write NaN/inf into a {tuple(original.shape)} {original.dtype} weight "
+                                "(weights too large for its precision); nothing was changed")
+            with torch.no_grad():
+                base.weight.copy_(fused)
+        # A non-persistent buffer follows .to(device) with the module and stays out of state_dict().
+        self.register_buffer("original_weight", original, persistent=False)
+        self.fused = True
+
+    def unfuse(self, base: nn.Linear | nn.Conv2d) -> None:
+        """Restore the weight :meth:`fuse` replaced, bit for bit."""
+        if not self.fused:
+            return
+        with torch.no_grad():
+            base.weight.copy_(self.original_weight)
+        self._forget_original()
+
+    def commit_fuse(self) -> None:
+        """Make a fuse permanent: the fused weight stays in the base layer and the original is dropped, so nothing
+        can unfuse it. The branch then adds nothing of its own (``fused`` is off and its adapters are the caller's
+        to remove)."""
+        if self.fused:
+            self._forget_original()
+
+    def _forget_original(self) -> None:
+        del self.original_weight
+        self.fused = False
+
+    def extra_repr(self) -> str:
+        kernel = f", kernel={self.kernel_size}" if self.kernel_size else ""
+        return (f"in={self.in_features}, out={self.out_features}{kernel}, adapters={list(self.adapters)}, "
+                f"fused={self.fused}")
