@@ -17,11 +17,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules import module as _module_globals
+from torch.nn.utils import parametrize
 
 from .errors import DiffloraError, FuseError, InvalidArgumentError
 from .lora import LoRAFactors, merged_form_is_cheaper
 
-__all__ = ["ActiveAdapter", "AdapterDict", "MultiLoRA"]
+__all__ = ["ActiveAdapter", "AdapterDict", "MultiLoRA", "stored_weight"]
 
 
 _GLOBAL_HOOKS = (
@@ -81,6 +82,22 @@ class ActiveAdapter:
     name: str
     factors: LoRAFactors
     multiplier: float
+
+
+def stored_weight(layer: nn.Module) -> torch.Tensor:
+    """The weight tensor ``layer`` stores: its ``weight``, or the original under a parametrization (a hosted layer's
+    ``weight`` is computed per call)."""
+    if parametrize.is_parametrized(layer, "weight"):
+        return layer.parametrizations.weight.original
+    return layer.weight
+
+
+def _conv_down(factors: LoRAFactors) -> torch.Tensor:
+    """``A`` as an fp32 matrix r × (in·kh·kw), a Tucker core folded in."""
+    down = factors.down.float()
+    if factors.mid is not None:
+        down = torch.einsum("pqhw,qi->pihw", factors.mid.float(), down.flatten(1))
+    return down.flatten(1)
 
 
 class MultiLoRA(nn.Module):
@@ -185,36 +202,50 @@ class MultiLoRA(nn.Module):
         self._checked_key = key
 
     # ----- forward --------------------------------------------------------------------------------------------
+    def plan(self, x: torch.Tensor) -> str | None:
+        """How to add the active mix for input ``x``: ``"merged"`` (``(W + ΔW) x``), ``"factored"``
+        (``W x + B (A x)``) or ``None`` (nothing active, or fused), whichever costs less
+        (:func:`~difflora.lora.merged_form_is_cheaper`; a conv counts each output pixel as a token and
+        ``in · kh · kw`` inputs). Without gradients, the mix is checked against ``x``'s dtype first."""
+        if self.fused:
+            return None
+        active = self.active()
+        if not active:
+            return None
+        trainable = self._trainable(active)
+        if not trainable:
+            self.check_range(x.dtype)
+        tokens = x.numel() // self.in_features if self.kernel_size else x.numel() // max(x.shape[-1], 1)
+        kernel = self.kernel_size[0] * self.kernel_size[1] if self.kernel_size else 1
+        total_rank = sum(a.factors.rank for a in active)
+        cheaper = merged_form_is_cheaper(tokens, self.in_features * kernel, self.out_features, total_rank,
+                                         trainable and torch.is_grad_enabled())
+        return "merged" if cheaper else "factored"
+
+    def merged_weight(self, weight: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``W + Σ m s B A`` computed in fp32 and cast once, to ``dtype`` (default: ``weight``'s), with each trainable
+        adapter's own graph, else from the cached stack."""
+        active = self.active()
+        if self._trainable(active):
+            delta = self.delta_weight()
+        else:
+            down_stack, up_stack = self._stacked(active, torch.float32, weight.device)
+            delta = (up_stack @ down_stack).reshape(weight.shape)
+        return (weight.float() + delta).to(dtype or weight.dtype)
+
     def linear(self, base: nn.Linear, x: torch.Tensor) -> torch.Tensor:
         """``base(x) + Σ m s B A x``, in the merged or the factored form, whichever costs less for this ``x``.
 
         The merged form calls ``F.linear`` with the base layer's tensors, so it is only taken where that is all the
         layer's forward would do (:func:`_runs_plain_forward`); offloaded, hooked and quantised layers run their own.
         """
-        if self.fused:
-            return base(x)
-        active = self.active()
-        if not active:
-            return base(x)
-        trainable = self._trainable(active)
-        if not trainable:
-            self.check_range(x.dtype)
-        tokens = x.numel() // x.shape[-1] if x.ndim else 1
-        total_rank = sum(a.factors.rank for a in active)
-        if _runs_plain_forward(base, x) and merged_form_is_cheaper(
-            tokens, self.in_features, self.out_features, total_rank, trainable and torch.is_grad_enabled()
-        ):
-            weight = base.weight.float() + self._merged_delta(active, trainable, x.device)
-            return F.linear(x, weight.to(x.dtype), base.bias)
-        delta = self.delta(x)
+        form = self.plan(x)
+        if form == "merged" and _runs_plain_forward(base, x):
+            return F.linear(x, self.merged_weight(base.weight, x.dtype), base.bias)
         output = base(x)
-        return output + delta.to(output.dtype)
-
-    def _merged_delta(self, active: list[ActiveAdapter], trainable: bool, device: torch.device) -> torch.Tensor:
-        if trainable:  # each adapter's own graph, never the cached stack (as in delta())
-            return self.delta_weight()
-        down_stack, up_stack = self._stacked(active, torch.float32, device)
-        return up_stack @ down_stack
+        if form is None:
+            return output
+        return output + self.delta(x).to(output.dtype)
 
     @staticmethod
     def _trainable(active: list[ActiveAdapter]) -> bool:
@@ -229,27 +260,31 @@ class MultiLoRA(nn.Module):
         active = self.active()
         if not active:
             return None
-        trainable = self._trainable(active)
-        if not trainable:
-            self.check_range(x.dtype)
-        if trainable or self.kernel_size is not None:
+        if self._trainable(active):
             # Trainable factors: keep each adapter's own graph (the factors may be fp32 while x is fp16/bf16 under
-            # autocast), and never cache them: optimizers may write them through .data, unseen by _version. Convs:
-            # each adapter's own pair (their kernels and cores need not stack).
+            # autocast), and never cache them: optimizers may write them through .data, unseen by _version.
             total = None
             for adapter in active:
                 term = adapter.factors(x, adapter.multiplier, conv)
                 total = term if total is None else total + term
             return total
+        self.check_range(x.dtype)
         down_stack, up_stack = self._stacked(active, x.dtype, x.device)
-        return (x @ down_stack.t()) @ up_stack.t()
+        if self.kernel_size is None:
+            return (x @ down_stack.t()) @ up_stack.t()
+        spatial = {"stride": conv.stride, "padding": conv.padding, "dilation": conv.dilation}
+        down_kernels = down_stack.reshape(down_stack.shape[0], self.in_features, *self.kernel_size)
+        return F.conv2d(F.conv2d(x, down_kernels, **spatial), up_stack[:, :, None, None])
 
     def _stacked(self, active: list[ActiveAdapter], dtype: torch.dtype, device: torch.device):
+        """``[A_1; A_2; …]`` (Σr × in·kh·kw) and ``[m_1 s_1 B_1, …]`` (out × Σr), cached per mix. A Tucker core is
+        folded into its ``A`` (``mid ∘ down`` is an r × in × kh × kw conv, exactly)."""
         key = (dtype, device, self._mix_key(active))  # a stale stack is never used (see _mix_key)
         if key != self._stack_key:
             with torch.no_grad():
-                down_stack = torch.cat([a.factors.down.float() for a in active], dim=0)
-                up_stack = torch.cat([a.factors.up.float() * (a.multiplier * a.factors.scale) for a in active], dim=1)
+                down_stack = torch.cat([_conv_down(a.factors) for a in active], dim=0)
+                up_stack = torch.cat([a.factors.up.float().flatten(1) * (a.multiplier * a.factors.scale)
+                                      for a in active], dim=1)
             self._stack = (down_stack.to(device=device, dtype=dtype), up_stack.to(device=device, dtype=dtype))
             self._stack_key = key
         return self._stack
@@ -264,19 +299,20 @@ class MultiLoRA(nn.Module):
 
     # ----- fusing ---------------------------------------------------------------------------------------------
     def fuse(self, base: nn.Linear | nn.Conv2d) -> None:
-        """Write the active mix into ``base.weight`` and keep the original for :meth:`unfuse`."""
+        """Write the active mix into ``base``'s weight and keep the original for :meth:`unfuse`."""
         if self.fused:
             raise RuntimeError("already fused; unfuse first")
-        self.check_range(base.weight.dtype, FuseError)
+        weight = stored_weight(base)
+        self.check_range(weight.dtype, FuseError)
         delta = self.delta_weight()
-        original = base.weight.detach().clone()
+        original = weight.detach().clone()
         if delta is not None:
             fused = (original.float() + delta.to(original.device)).to(original.dtype)
             if not torch.isfinite(fused).all():
                 raise FuseError(f"fusing would write NaN/inf into a {tuple(original.shape)} {original.dtype} weight "
                                 "(weights too large for its precision); nothing was changed")
             with torch.no_grad():
-                base.weight.copy_(fused)
+                weight.copy_(fused)
         # A non-persistent buffer follows .to(device) with the module and stays out of state_dict().
         self.register_buffer("original_weight", original, persistent=False)
         self.fused = True
@@ -286,7 +322,7 @@ class MultiLoRA(nn.Module):
         if not self.fused:
             return
         with torch.no_grad():
-            base.weight.copy_(self.original_weight)
+            stored_weight(base).copy_(self.original_weight)
         self._forget_original()
 
     def commit_fuse(self) -> None:

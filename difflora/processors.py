@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 
 from .blocks import block_of
 from .errors import AdapterShapeError
@@ -409,10 +410,33 @@ def layer_sites(components: dict[str, nn.Module], attention: dict[str, SiteOnMod
     return found
 
 
+class _MixedIn(nn.Module):
+    """The parametrization of a hosted layer's weight: ``W + Σ m s B A`` while its host runs the merged form for
+    the current call, else ``W`` itself (``torch.nn.utils.parametrize``, as minLoRA does)."""
+
+    def __init__(self, host: LayerHost) -> None:
+        super().__init__()
+        self._host = [host]  # in a list: the host owns this module, not the other way round
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return self._host[0].weight_for_this_call(weight)
+
+
+def _merges(layer: nn.Module) -> bool:
+    """Whether the merged form can stand in the layer's own forward: a plain weight and no forward replaced on the
+    instance (accelerate's offload and device-map hooks do that)."""
+    return type(layer.weight) is nn.Parameter and "forward" not in layer.__dict__ and not hasattr(layer, "_hf_hook")
+
+
 class LayerHost(nn.Module):
-    """The thin host of one Linear or Conv2d: a :class:`MultiLoRA` whose ``Σ m s B A x`` a forward hook adds to the
-    layer's output, so the layer's own forward (and any hook or offloading on it) runs unchanged. It is a submodule
-    of the layer while installed, so it follows the model's ``.to(device)``."""
+    """The thin host of one Linear or Conv2d: a :class:`MultiLoRA` whose ``Σ m s B A`` joins the layer's own forward,
+    which runs unchanged (so do any hooks or offloading on it).
+
+    A forward pre-hook asks the branch for the cheaper form for this input (:meth:`MultiLoRA.plan`). Merged: the
+    layer's weight is a parametrization that gives ``W + ΔW`` for this call (a conv then costs one conv, not three).
+    Factored: a forward hook adds ``B (A x)`` to the output. The host is a submodule of the layer while installed,
+    so it follows the model's ``.to(device)``.
+    """
 
     def __init__(self, site: LayerSite) -> None:
         super().__init__()
@@ -423,19 +447,39 @@ class LayerHost(nn.Module):
         out_features = layer.out_channels if self.conv else layer.out_features
         kernel = tuple(layer.kernel_size) if self.conv else None
         self.branch = MultiLoRA(in_features, out_features, site.module_key, kernel)
-        self._hook_handle = None
+        self._handles: list = []
+        self._merges = False
+        self._form: str | None = None
+
+    def _plan(self, module: nn.Module, inputs: tuple) -> None:
+        form = self.branch.plan(inputs[0])
+        self._form = "factored" if form == "merged" and not self._merges else form
+
+    def weight_for_this_call(self, weight: torch.Tensor) -> torch.Tensor:
+        return self.branch.merged_weight(weight) if self._form == "merged" else weight
 
     def _add_delta(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
-        delta = self.branch.delta(inputs[0], module if self.conv else None)
-        return output if delta is None else output + delta.to(output.dtype)
+        form, self._form = self._form, None  # the weight is W again outside a call
+        if form != "factored":
+            return output
+        return output + self.branch.delta(inputs[0], module if self.conv else None).to(output.dtype)
 
     def install(self) -> None:
         self.uninstall()
-        self.site.layer.add_module(_HOST_ATTRIBUTE, self)
-        self._hook_handle = self.site.layer.register_forward_hook(self._add_delta)
+        layer = self.site.layer
+        self._merges = _merges(layer)
+        if self._merges:
+            parametrize.register_parametrization(layer, "weight", _MixedIn(self))
+        layer.add_module(_HOST_ATTRIBUTE, self)
+        self._handles = [layer.register_forward_pre_hook(self._plan), layer.register_forward_hook(self._add_delta)]
 
     def uninstall(self) -> None:
-        if self._hook_handle is not None:
-            self._hook_handle.remove()
-            self._hook_handle = None
-            delattr(self.site.layer, _HOST_ATTRIBUTE)
+        if not self._handles:
+            return
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        layer = self.site.layer
+        delattr(layer, _HOST_ATTRIBUTE)
+        if parametrize.is_parametrized(layer, "weight"):
+            parametrize.remove_parametrizations(layer, "weight", leave_parametrized=False)

@@ -165,7 +165,7 @@ def test_convert_strict_refuses_what_it_cannot_carry(adapter_file, tmp_path, cap
     from difflora.formats import read_adapter, to_kohya_state_dict
 
     tensors = to_kohya_state_dict(read_adapter(adapter_file))
-    tensors["lora_unet_mid_block_resnets_0_conv1.lora_down.weight"] = torch.ones(4, 64, 3, 3)
+    tensors["lora_unet_mid_block_resnets_0_conv1.hada_w1_a"] = torch.ones(64, 4)  # LoHa: not applied yet
     save_file(tensors, str(tmp_path / "with-conv.safetensors"))
     out = tmp_path / "out.safetensors"
     with_conv = str(tmp_path / "with-conv.safetensors")
@@ -231,12 +231,12 @@ def test_generate_lists_or_refuses_keys_it_cannot_apply(tiny_model_dir, adapter_
     from difflora.formats import read_adapter, to_kohya_state_dict
 
     tensors = to_kohya_state_dict(read_adapter(adapter_file))
-    tensors["lora_unet_mid_block_resnets_0_conv1.lora_down.weight"] = torch.ones(4, 64, 3, 3)
+    tensors["lora_unet_mid_block_resnets_0_conv1.hada_w1_a"] = torch.ones(64, 4)  # LoHa: not applied yet
     conv = tmp_path / "conv.safetensors"
     save_file(tensors, str(conv))
     common = ["generate", "--model", str(tiny_model_dir), "--lora", str(conv), "--prompt", "p", "--steps", "1"]
     assert main([*common, "--strict", "--out", str(tmp_path / "strict.png")]) == 2
-    expected = "refused (strict): 1 key difflora cannot apply: lora_unet_mid_block_resnets_0_conv1.lora_down.weight"
+    expected = "refused (strict): 1 key difflora cannot apply: lora_unet_mid_block_resnets_0_conv1.hada_w1_a"
     assert expected in capsys.readouterr().err
     assert not (tmp_path / "strict.png").exists()
     assert main([*common, "--out", str(tmp_path / "ok.png")]) == 0

@@ -80,17 +80,29 @@ def close(ours, theirs, effect_from):
         assert (mine - reference).abs().max() <= 1e-5 * max(1.0, float(effect)), (mine - reference).abs().max()
 
 
-def test_every_linear_and_conv_carries_an_adapter_exactly(pipe, tiny_model_dir):
+@pytest.mark.parametrize("form", ["merged", "factored"])
+def test_every_linear_and_conv_carries_an_adapter_exactly(pipe, tiny_model_dir, monkeypatch, form):
+    # Each call takes the cheaper form (lora.merged_form_is_cheaper); force each in turn, with several adapters.
+    import difflora.lora as lora_module
+
+    allowance = 1e9 if form == "merged" else 0.0
+    monkeypatch.setattr(lora_module, "MERGED_FLOPS_ALLOWANCE", {"training": allowance, "inference": allowance})
     layers = every_layer(pipe)
     state = AdapterState(modules={key: random_update(tuple(layer.weight.shape), 2, seed)
                                   for seed, (key, layer) in enumerate(layers.items())})
     kinds = {type(layers[key]).__name__ + ("3x3" if layers[key].weight.ndim == 4 and layers[key].weight.shape[-1]
                                             == 3 else "") for key in state.modules}
     assert kinds == {"Linear", "Conv2d", "Conv2d3x3"}  # 1×1 convs (proj_in/out), 3×3 convs and Linears
+    second = AdapterState(modules={key: random_update(tuple(layer.weight.shape), 3, seed + 1000, tucker=seed % 2 == 0
+                                                     and layer.weight.ndim == 4 and layer.weight.shape[-1] == 3)
+                                   for seed, (key, layer) in enumerate(layers.items())})
     base = outputs(pipe)
-    LoRARuntime.attach(pipe).add_adapter("every", state, weight=0.7)
+    runtime = LoRARuntime.attach(pipe)
+    runtime.add_adapter("every", state, weight=0.7)
+    runtime.add_adapter("second", second, weight=-0.4)
     reference = load_pipeline(tiny_model_dir, quiet=True)
     merged_by_hand(reference, state, lambda key: 0.7)
+    merged_by_hand(reference, second, lambda key: -0.4)
     close(outputs(pipe), outputs(reference), base)
 
 
@@ -137,6 +149,7 @@ def test_resnets_and_samplers_follow_their_block_weight(pipe, tiny_model_dir):
 
 def test_fuse_unfuse_bit_exact_and_removal_leaves_no_hook(pipe):
     layers = every_layer(pipe)
+    keys_before = set(pipe.unet.state_dict())
     originals = {key: layer.weight.detach().clone() for key, layer in layers.items()}
     state = AdapterState(modules={key: random_update(tuple(layer.weight.shape), 2, seed)
                                   for seed, (key, layer) in enumerate(layers.items())})
@@ -152,8 +165,11 @@ def test_fuse_unfuse_bit_exact_and_removal_leaves_no_hook(pipe):
     for mine, theirs in zip(fused, unfused):
         assert (mine - theirs).abs().max() < 1e-4
     runtime.remove_all()
-    assert all(not layer._forward_hooks for layer in layers.values())
+    assert all(not layer._forward_hooks and not layer._forward_pre_hooks for layer in layers.values())
     assert not any("difflora" in name for name, _ in pipe.unet.named_modules())
+    assert all(type(layer) in (nn.Linear, nn.Conv2d) for layer in layers.values())  # no parametrization left
+    assert all(torch.equal(layer.weight, originals[key]) for key, layer in layers.items())
+    assert set(pipe.unet.state_dict()) == keys_before
 
 
 def test_hosts_sit_only_on_adapted_layers(pipe):
