@@ -21,7 +21,7 @@ import torch
 from .adapter import AdapterState, LoRAModuleWeights
 from .blocks import BlockWeights
 from .errors import InvalidArgumentError, finite_number
-from .lora import adapter_weight
+from .lora import adapter_weight, fold_tucker_core
 
 __all__ = ["BLEND_METHODS", "BlendResult", "blend", "scale_adapter", "resize_adapter", "low_rank_approximation"]
 
@@ -44,9 +44,7 @@ def _weighted_factors(module: LoRAModuleWeights, weight: float) -> tuple[torch.T
     """(up, down) as fp32 matrices with the weight and the scale folded into ``up``: ``ΔW·weight = up @ down`` with
     ``ΔW`` flattened to out × (in·kh·kw) for a conv. A Tucker core is folded into ``down`` (``mid ∘ down`` is a
     rank × in × kh × kw conv), which is exact at the same rank."""
-    down = module.down.float()
-    if module.mid is not None:
-        down = torch.einsum("pqhw,qi->pihw", module.mid.float(), down.flatten(1))
+    down = fold_tucker_core(module.down, module.mid).float()
     return module.up.float().flatten(1) * (weight * module.scale), down.flatten(1)
 
 

@@ -35,6 +35,7 @@ __all__ = [
     "MAX_ADAPTER_WEIGHT",
     "LoRAFactors",
     "adapter_weight",
+    "fold_tucker_core",
     "initial_down",
     "initial_factors",
     "lora_delta",
@@ -86,6 +87,16 @@ def lora_delta(
     else:
         delta = (up_matrix @ down_matrix).reshape(up.shape[0], *down.shape[1:])
     return delta * scale
+
+
+def fold_tucker_core(down: torch.Tensor, mid: torch.Tensor | None) -> torch.Tensor:
+    """A conv update's ``down`` with its Tucker core folded in: ``down'[p, i, h, w] = Σ_q mid[p, q, h, w] ·
+    down[q, i]`` (rank × in × kh × kw), the same update at the same rank (``up ∘ mid ∘ down = up ∘ down'``).
+    Without a core, ``down`` itself. Computed in fp32 at least (fp64 stays fp64)."""
+    if mid is None:
+        return down
+    dtype = torch.promote_types(down.dtype, torch.float32)
+    return torch.einsum("pqhw,qi->pihw", mid.to(dtype), down.to(dtype).flatten(1))
 
 
 def initial_down(rank: int, in_features: int, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -20,7 +20,7 @@ from torch.nn.modules import module as _module_globals
 from torch.nn.utils import parametrize
 
 from .errors import DiffloraError, FuseError, InvalidArgumentError
-from .lora import LoRAFactors, merged_form_is_cheaper
+from .lora import LoRAFactors, fold_tucker_core, merged_form_is_cheaper
 
 __all__ = ["ActiveAdapter", "AdapterDict", "MultiLoRA", "stored_weight"]
 
@@ -94,10 +94,7 @@ def stored_weight(layer: nn.Module) -> torch.Tensor:
 
 def _conv_down(factors: LoRAFactors) -> torch.Tensor:
     """``A`` as an fp32 matrix r × (in·kh·kw), a Tucker core folded in."""
-    down = factors.down.float()
-    if factors.mid is not None:
-        down = torch.einsum("pqhw,qi->pihw", factors.mid.float(), down.flatten(1))
-    return down.flatten(1)
+    return fold_tucker_core(factors.down, factors.mid).float().flatten(1)
 
 
 class MultiLoRA(nn.Module):

@@ -162,12 +162,16 @@ def test_legacy_layouts_read_as_the_same_adapter(pipe, tmp_path):
 
 
 def test_unreadable_keys_are_reported_not_dropped(pipe, tmp_path):
+    """A DoRA module's factors without its magnitude are another update: the whole module is skipped, named key by
+    key, and the rest of the file is read."""
     state = mixed_adapter(pipe)
     tensors = formats.to_diffusers_state_dict(state)
-    tensors["unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_magnitude_vector"] = torch.ones(32)
+    dora = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    tensors[f"{dora}.lora_magnitude_vector"] = torch.ones(32)
     save_file(tensors, str(tmp_path / "dora.safetensors"))
     loaded = read_adapter(tmp_path / "dora.safetensors")
-    assert loaded.skipped == ["unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_magnitude_vector"]
+    assert sorted(loaded.skipped) == [f"{dora}.lora_A.weight", f"{dora}.lora_B.weight", f"{dora}.lora_magnitude_vector"]
+    assert set(loaded.modules) == set(state.modules) - {dora}
 
 
 TO_Q = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
@@ -233,7 +237,8 @@ MODULE = f"module {TO_Q!r} "  # how an error names the module at fault
     [
         (pair(NAN_DOWN, torch.ones(32, 2)), {}, MODULE + "holds NaN or inf values"),
         (pair(torch.ones(2, 32), torch.full((32, 2), float("-inf")), spelling="kohya"), {}, MODULE + "holds NaN"),
-        (pair(torch.ones(2, 32, 1, 1), torch.ones(32, 2, 1, 1), spelling="kohya"), {}, "expected two matrices"),
+        (pair(torch.ones(2, 32, 1), torch.ones(32, 2, 1), spelling="kohya"), {}, MODULE + "has factors of shapes (2,"),
+        (pair(torch.ones(2, 32, 3, 3), torch.ones(32, 2, 3, 3), spelling="kohya"), {}, "4-D conv factors (up 1 × 1)"),
         (pair(torch.ones(2, 32, dtype=torch.int32), torch.ones(32, 2, dtype=torch.int32)), {},
          MODULE + "has factors of type torch.int32 and torch.int32, expected floating point"),
         (pair(torch.ones(2, 32), torch.ones(32, 2, dtype=torch.complex64)), {}, "expected floating point"),
@@ -248,7 +253,7 @@ MODULE = f"module {TO_Q!r} "  # how an error names the module at fault
         (GOOD, {META: "{'unet.r': 2}"}, f"header entry {META!r} is not JSON"),
         (GOOD, {META: '"unet"'}, f"header entry {META!r} is not a JSON object (got str)"),
     ],
-    ids=["nan", "kohya-inf", "kohya-4d", "int32", "complex", "alpha-zero", "alpha-inf", "alpha-vector",
+    ids=["nan", "kohya-inf", "kohya-3d", "kohya-up-3x3", "int32", "complex", "alpha-zero", "alpha-inf", "alpha-vector",
          "kohya-alpha-empty",
          "config-alpha-nan", "config-alpha-string", "alpha-pattern-list", "alpha-pattern-regex", "metadata-not-json",
          "metadata-not-object"],
@@ -347,13 +352,20 @@ def test_kohya_file_with_alpha_not_rank_equals_merged_weights(pipe, tiny_model_d
     tensors = to_kohya_state_dict(state)
     assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_out_0.alpha" in tensors
     assert "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight" in tensors
-    # What kohya also writes and difflora cannot apply yet must be reported, not dropped.
-    tensors["lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight"] = torch.ones(4, 32, 3, 3)
-    tensors["lora_unet_down_blocks_0_resnets_0_conv1.lora_up.weight"] = torch.ones(32, 4, 1, 1)
-    tensors["lora_unet_mid_block_attentions_0_proj_in.hada_w1_a"] = torch.ones(4, 4)
+    # What LyCORIS also writes and difflora cannot apply yet must be reported, not dropped: a LoHa module (its alpha
+    # too), a DoRA module (its LoRA factors too: without the magnitude they are another update), an unknown layer.
+    cannot = {
+        "lora_unet_mid_block_attentions_0_proj_in.hada_w1_a": torch.ones(4, 64),
+        "lora_unet_mid_block_attentions_0_proj_in.alpha": torch.tensor(4.0),
+        "lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight": torch.ones(4, 32, 3, 3),
+        "lora_unet_down_blocks_0_resnets_0_conv1.lora_up.weight": torch.ones(32, 4, 1, 1),
+        "lora_unet_down_blocks_0_resnets_0_conv1.dora_scale": torch.ones(32, 1, 1, 1),
+        "lora_unet_down_blocks_0_resnets_0_shortcut.lora_down.weight": torch.ones(4, 32, 1, 1),
+    }
+    tensors.update(cannot)
     save_file(tensors, str(tmp_path / "kohya.safetensors"), metadata={"ss_network_dim": "4", "ss_network_alpha": "8"})
     loaded = read_adapter(tmp_path / "kohya.safetensors")
-    assert loaded.source_format == "kohya" and len(loaded.skipped) == 3
+    assert loaded.source_format == "kohya" and sorted(loaded.skipped) == sorted(cannot)
     assert loaded.metadata["ss_network_alpha"] == "8"
 
     LoRARuntime.attach(pipe).add_adapter("kohya", loaded)
@@ -463,10 +475,10 @@ def test_kohya_sdxl_keys_map_to_diffusers_modules():
         tensors[f"{name}.lora_down.weight"] = torch.ones(4, 8)
         tensors[f"{name}.lora_up.weight"] = torch.ones(8, 4)
         tensors[f"{name}.alpha"] = torch.tensor(2.0)
-    tensors["lora_unet_input_blocks_4_0_in_layers_2.lora_down.weight"] = torch.ones(4, 8, 3, 3)  # a resnet conv
+    tensors["lora_unet_input_blocks_4_0_in_layers_2.lokr_w1"] = torch.ones(4, 8)  # LoKr on a resnet conv
     state = formats.parse_state_dict(tensors, {}, source="sdxl.safetensors")
     assert set(state.modules) == set(cases.values())
-    assert state.skipped == ["lora_unet_input_blocks_4_0_in_layers_2.lora_down.weight"]
+    assert state.skipped == ["lora_unet_input_blocks_4_0_in_layers_2.lokr_w1"]
     assert all(module.alpha == 2.0 for module in state.modules.values())
 
 

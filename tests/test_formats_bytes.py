@@ -18,7 +18,9 @@ from difflora.adapter import AdapterState, LoRAModuleWeights
 from difflora.formats import write_adapter, write_peft_folder
 
 UNET = "unet.{}.attentions.{}.transformer_blocks.0.{}"
-# (state, layout) → sha256 of the canonical file (or folder); recorded with the code of commit 00792e3.
+# (state, layout) → sha256 of the canonical file (or folder); recorded with the code of commit 00792e3, but sdxl/peft:
+# changed on purpose with issue 11, its text_encoder_2 folder now naming layers as CLIPTextModelWithProjection does
+# (``text_model.encoder…``); before, PeftModel.from_pretrained found none of its weights and loaded nothing.
 EXPECTED = {
     ("sd15", "difflora"): "5ab30a884b42ad98f9e1cea37a238a1ede569ed9d6d33119928f36b1714fa081",
     ("sd15", "diffusers"): "5ab30a884b42ad98f9e1cea37a238a1ede569ed9d6d33119928f36b1714fa081",
@@ -27,7 +29,7 @@ EXPECTED = {
     ("sdxl", "difflora"): "d81afc1c1015f9e8321e0a003c87c20b06259d72a96f53d48b1b0b51bec8b0d8",
     ("sdxl", "diffusers"): "d81afc1c1015f9e8321e0a003c87c20b06259d72a96f53d48b1b0b51bec8b0d8",
     ("sdxl", "kohya"): "feaf2c04911bb1560f9a88b57a34b9fab44dd513405ecb79295165b52a706c22",
-    ("sdxl", "peft"): "8a6e2339d71e44729c0e771ad7f2832ad9d751e72bd4e8ec31a26eaecba11bd7",
+    ("sdxl", "peft"): "6b984fa9fa62376ec6786ca530239b94a87e9b1d0b5122adefe621a0008bda28",
 }
 
 

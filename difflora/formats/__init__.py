@@ -7,8 +7,14 @@ Each dialect is one module of this package:
   ``lora_adapter_metadata`` header (what ``save_lora_weights`` and diffusers' training scripts write); formats
   ``difflora`` (written by difflora) and ``diffusers``. It also reads diffusers' older spellings, :mod:`.legacy`
   (``diffusers-old``: ``.lora.down.weight``; ``diffusers-attn-procs``: ``processor.to_q_lora``, ``lora_linear_layer``).
-* :mod:`.kohya`: ``lora_unet_…`` / ``lora_te_…`` keys with ``.alpha`` (kohya, AUTOMATIC1111, ComfyUI), SDXL included.
+* :mod:`.kohya`: ``lora_unet_…`` / ``lora_te_…`` keys with ``.alpha`` (kohya, LyCORIS' LoCon, AUTOMATIC1111,
+  ComfyUI), SDXL's original-layout names included.
 * :mod:`.peft`: PEFT adapter folders, and difflora's export of one PEFT folder per pipeline component.
+
+Every dialect reads and writes LoRA on any Linear and Conv2d (4-D factors on a Conv2d; kohya's and LyCORIS' Tucker
+core ``lora_mid`` is kept in kohya files and folded into the down factor for diffusers and PEFT); what a file holds
+that difflora cannot apply (LyCORIS' other algorithms, DoRA, names of no known layer) is listed in
+:attr:`~difflora.adapter.AdapterState.skipped`, every key of it.
 
 This module picks the dialect: a state dict goes to the first of :data:`READERS` that claims its keys, a layout name
 to its entry in :data:`WRITERS`. A new dialect is one module with the same functions and one entry there.
@@ -86,9 +92,10 @@ def parse_state_dict(
     keys are.
 
     Raises:
-        AdapterFileError: when no key is in a format difflora reads, a module lacks its up or down factor, or a module
-            is not a usable LoRA (NaN or inf, empty or misshapen factors, factors not floating point, an alpha that is
-            not a finite number > 0); one line naming ``source`` and the module.
+        AdapterFileError: when no key is in a format difflora reads or no module is one difflora can apply, a module
+            lacks its up or down factor, one layer is named twice, or a module is not a usable LoRA (NaN or inf,
+            empty or misshapen factors, factors not floating point, an alpha that is not a finite number > 0); one
+            line naming ``source`` and the module.
     """
     return _checked(_parse(tensors, header or {}, source), source)
 

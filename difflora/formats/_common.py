@@ -1,5 +1,5 @@
-"""What the dialects share: reading a ``.safetensors`` file with one-line errors, pairing a module's factors, reading an
-alpha, and the text-encoder path spelling written files use."""
+"""What the dialects share: reading a ``.safetensors`` file with one-line errors, gathering a module's factors, reading
+an alpha, folding a Tucker core for dialects that have none, and the text-encoder path spelling written files use."""
 
 from __future__ import annotations
 
@@ -8,10 +8,11 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from ..adapter import factor_shape_problem
+from ..adapter import LoRAModuleWeights, factor_shape_problem
 from ..errors import AdapterFileError, first_line
+from ..lora import fold_tucker_core
 
-__all__ = ["alpha_value", "file_module_path", "read_safetensors", "require_factors"]
+__all__ = ["alpha_value", "factors_without_core", "file_module_path", "read_safetensors", "require_factors"]
 
 
 def _pickle_kind(path: Path) -> str | None:
@@ -50,10 +51,13 @@ def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
     return tensors, header
 
 
-def require_factors(source: str, module_key: str, parts: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(down, up)`` of one module from the tensors a file holds for it: both present, down rank × in and up
-    out × rank, so that a dialect may read the rank off them. Their values are checked where every dialect's result
-    is (:meth:`~difflora.adapter.AdapterState.problem`).
+def require_factors(
+    source: str, module_key: str, parts: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``(down, up, mid)`` of one module from the tensors a file holds for it (``mid``, a Tucker core, may be absent):
+    down and up both present and of fitting shapes (:func:`~difflora.adapter.factor_shape_problem`), so that a
+    dialect may read the rank off them. Their values are checked where every dialect's result is
+    (:meth:`~difflora.adapter.AdapterState.problem`).
 
     Raises:
         AdapterFileError: a factor is missing or the shapes do not fit.
@@ -61,11 +65,11 @@ def require_factors(source: str, module_key: str, parts: dict[str, torch.Tensor]
     if "down" not in parts or "up" not in parts:
         missing = "up" if "down" in parts else "down"
         raise AdapterFileError(f"{source}: module {module_key!r} has no {missing} factor")
-    down, up = parts["down"], parts["up"]
-    problem = factor_shape_problem(down, up)
+    down, up, mid = parts["down"], parts["up"], parts.get("mid")
+    problem = factor_shape_problem(down, up, mid)
     if problem:
         raise AdapterFileError(f"{source}: module {module_key!r} {problem}")
-    return down, up
+    return down, up, mid
 
 
 def alpha_value(source: str, module_key: str, tensor: torch.Tensor) -> float:
@@ -82,7 +86,16 @@ def alpha_value(source: str, module_key: str, tensor: torch.Tensor) -> float:
     return float(tensor.item())
 
 
+def factors_without_core(weights: LoRAModuleWeights) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(down, up)`` of a module for dialects with no Tucker core (diffusers, PEFT): a core ``mid`` is folded into
+    down (:func:`~difflora.lora.fold_tucker_core`: the same update at the same rank)."""
+    return fold_tucker_core(weights.down, weights.mid), weights.up
+
+
 def file_module_path(component: str, path: str) -> str:
-    """A module path as files spell it: text encoders keep transformers' historical ``text_model.`` prefix, which
-    every diffusers version reads (recent ones strip it) while older ones require it."""
-    return f"text_model.{path}" if component.startswith("text_encoder") else path
+    """A module path as files spell it: text-encoder layers keep transformers' historical ``text_model.`` prefix,
+    which every diffusers version reads (recent ones strip it) while older ones require it; ``text_projection`` sits
+    beside ``text_model`` in ``CLIPTextModelWithProjection`` and never had it."""
+    if component.startswith("text_encoder") and path != "text_projection":
+        return f"text_model.{path}"
+    return path

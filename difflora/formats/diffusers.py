@@ -1,6 +1,7 @@
 """The diffusers dialect: PEFT-style ``<component>.<path>.lora_A.weight`` / ``.lora_B.weight`` keys, what
 ``save_lora_weights`` and diffusers' training scripts write, and what difflora writes (layouts ``difflora`` and
-``diffusers``).
+``diffusers``). Any layer path is read as the file spells it, a Conv2d's factors 4-D as PEFT's conv LoRA holds them;
+a module holding more than its factors (a DoRA ``lora_magnitude_vector``, a ``lora_B.bias``) is skipped whole.
 
 Alphas come from ``.alpha`` keys, else from diffusers' ``lora_adapter_metadata`` header entry (a LoraConfig per
 component, flattened as ``<component>.<option>``), resolved per module as PEFT resolves ``alpha_pattern``; a file with
@@ -20,9 +21,9 @@ import torch
 
 from ..adapter import AdapterState, LoRAModuleWeights
 from ..errors import AdapterFileError
-from ..keys import COMPONENTS, split_module_key
+from ..keys import COMPONENTS
 from . import legacy
-from ._common import alpha_value, file_module_path, require_factors
+from ._common import alpha_value, factors_without_core, file_module_path, require_factors
 
 __all__ = [
     "DIFFUSERS",
@@ -165,10 +166,23 @@ class _SortedKeys:
     alphas: dict[str, float] = field(default_factory=dict)
     formats: collections.Counter = field(default_factory=collections.Counter)
     skipped: list[str] = field(default_factory=list)
+    withheld: int = 0  # LoRA modules skipped whole because they hold more than LoRA factors
+
+
+def _owner(key: str) -> str | None:
+    """The module key of a LoRA module a key belongs to by its spelling (``<path>.lora_magnitude_vector[.weight]``,
+    ``<path>.lora_B.bias``, …: what PEFT writes beside ``lora_A``/``lora_B`` for DoRA, LoRA biases and the like),
+    else ``None``."""
+    located = _split_component(key)
+    if located is None or ".lora_" not in located[1]:
+        return None
+    component, rest = located
+    return f"{component}.{rest.partition('.lora_')[0]}"
 
 
 def _sort_keys(tensors: dict[str, torch.Tensor], source: str) -> _SortedKeys:
     keys = _SortedKeys()
+    module_keys: dict[str, list[str]] = collections.defaultdict(list)
     for key, tensor in tensors.items():
         classified = _classify(key)
         if classified is None:
@@ -178,13 +192,17 @@ def _sort_keys(tensors: dict[str, torch.Tensor], source: str) -> _SortedKeys:
         if factor == "alpha":
             keys.alphas[module_key] = alpha_value(source, module_key, tensor)
             continue
-        try:
-            split_module_key(module_key)
-        except AdapterFileError:
-            keys.skipped.append(key)  # LoRA on a module other than an attention projection
-            continue
         keys.formats[format_name] += 1
         keys.factors[module_key][factor] = tensor
+        module_keys[module_key].append(key)
+    # A module that holds more than its LoRA factors (a DoRA magnitude, a LoRA bias) is another update than its
+    # factors alone: every key of it is skipped rather than applied wrongly.
+    for owner in {_owner(key) for key in keys.skipped} & set(keys.factors):
+        del keys.factors[owner]
+        keys.withheld += 1
+        keys.skipped += module_keys[owner]
+        for key in module_keys[owner]:
+            keys.formats[_classify(key)[1]] -= 1
     return keys
 
 
@@ -197,13 +215,18 @@ def read_state_dict(tensors: dict[str, torch.Tensor], header: dict[str, str], so
             not a JSON object (or holds a LoraConfig difflora cannot read).
     """
     keys = _sort_keys(tensors, source)
+    if not keys.factors and keys.withheld:
+        raise AdapterFileError(
+            f"{source}: holds no LoRA module difflora can apply ({len(keys.skipped)} keys skipped, "
+            f"first: {keys.skipped[0]!r})"
+        )
     if not keys.factors:
         first = next(iter(tensors), "none")
         raise AdapterFileError(f"{source}: no LoRA keys in a format difflora reads (first key: {first!r})")
     configs = _component_configs(header, source)
     modules: dict[str, LoRAModuleWeights] = {}
     for module_key in sorted(keys.factors):
-        down, up = require_factors(source, module_key, keys.factors[module_key])
+        down, up, _ = require_factors(source, module_key, keys.factors[module_key])
         rank = down.shape[0]
         component = module_key.partition(".")[0]
         use_rslora = False
@@ -214,7 +237,7 @@ def read_state_dict(tensors: dict[str, torch.Tensor], header: dict[str, str], so
             alpha, use_rslora = resolved if resolved else (float(rank), False)
         modules[module_key] = LoRAModuleWeights(down=down, up=up, alpha=alpha, use_rslora=use_rslora)
 
-    format_name = keys.formats.most_common(1)[0][0]
+    format_name = (+keys.formats).most_common(1)[0][0]
     if format_name == DIFFUSERS and header.get("difflora.format"):
         format_name = "difflora"
     metadata = {key: value for key, value in header.items() if key not in ("format", DIFFUSERS_METADATA_KEY)}
@@ -225,13 +248,16 @@ def read_state_dict(tensors: dict[str, torch.Tensor], header: dict[str, str], so
 
 
 def to_diffusers_state_dict(state: AdapterState) -> dict[str, torch.Tensor]:
-    """The tensors of the diffusers layout: ``<component>.<path>.lora_A.weight`` / ``.lora_B.weight``."""
+    """The tensors of the diffusers layout: ``<component>.<path>.lora_A.weight`` / ``.lora_B.weight``, 4-D on a
+    Conv2d as PEFT's conv LoRA holds them (A rank × in × kh × kw, B out × rank × 1 × 1); a Tucker core is folded
+    into A (:func:`~._common.factors_without_core`)."""
     tensors = {}
     for module_key, weights in state.modules.items():
         component, _, path = module_key.partition(".")
         prefix = f"{component}.{file_module_path(component, path)}"
-        tensors[f"{prefix}.lora_A.weight"] = weights.down.detach().contiguous()
-        tensors[f"{prefix}.lora_B.weight"] = weights.up.detach().contiguous()
+        down, up = factors_without_core(weights)
+        tensors[f"{prefix}.lora_A.weight"] = down.detach().contiguous()
+        tensors[f"{prefix}.lora_B.weight"] = up.detach().contiguous()
     return tensors
 
 

@@ -3,7 +3,8 @@
 
 difflora reads such a folder (honouring ``rank_pattern``, ``alpha_pattern`` and ``use_rslora``) and its own export:
 one PEFT folder per pipeline component (``FOLDER/unet``, ``FOLDER/text_encoder``), each loadable with
-``peft.PeftModel.from_pretrained(pipe.unet, FOLDER / "unet")``.
+``peft.PeftModel.from_pretrained(pipe.unet, FOLDER / "unet")``. Any Linear or Conv2d is adapted (PEFT's conv LoRA:
+``lora_A`` rank × in × kh × kw, ``lora_B`` out × rank × 1 × 1; a Tucker core is folded into ``lora_A``).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from ..adapter import AdapterState
 from ..errors import AdapterFileError, first_line
 from ..keys import COMPONENTS
 from . import diffusers
-from ._common import read_safetensors
+from ._common import factors_without_core, file_module_path, read_safetensors
 
 __all__ = ["PEFT", "PEFT_CONFIG_FILE", "PEFT_WEIGHTS_FILE", "holds_folder", "read_folder", "write_peft_folder"]
 
@@ -42,9 +43,15 @@ def holds_folder(folder: Path) -> bool:
     return (folder / PEFT_CONFIG_FILE).is_file() or bool(_component_folders(folder))
 
 
+# Top-level layers of a diffusers UNet: a PEFT folder whose keys hold one of them adapts a UNet.
+_UNET_MARKERS = (
+    "down_blocks.", "mid_block.", "up_blocks.", "conv_in.", "conv_out.", "time_embedding.", "add_embedding."
+)
+
+
 def _guess_component(tensors: dict[str, torch.Tensor]) -> str:
-    keys = " ".join(tensors)
-    return "unet" if ("down_blocks." in keys or "mid_block." in keys or "up_blocks." in keys) else "text_encoder"
+    keys = [key.removeprefix("base_model.model.") for key in tensors]
+    return "unet" if any(key.startswith(_UNET_MARKERS) for key in keys) else "text_encoder"
 
 
 def _read_one(folder: Path, component: str | None = None) -> AdapterState:
@@ -110,13 +117,21 @@ def _peft_config(flat: dict[str, object], component: str, base_model: str | None
     return config
 
 
+def _peft_path(component: str, path: str) -> str:
+    """A module path as the component's model names it: ``CLIPTextModelWithProjection`` (``text_encoder_2``) keeps
+    transformers' ``text_model.`` level, which ``CLIPTextModel`` dropped in transformers 5; PEFT loads weights by
+    exact name, so a folder spelled otherwise would load nothing."""
+    return file_module_path(component, path) if component == "text_encoder_2" else path
+
+
 def _peft_tensors(state: AdapterState, component: str) -> dict[str, torch.Tensor]:
     tensors = {}
     for module_key, weights in state.modules.items():
         if module_key.startswith(component + "."):
-            path = module_key.split(".", 1)[1]
-            tensors[f"base_model.model.{path}.lora_A.weight"] = weights.down.detach().contiguous()
-            tensors[f"base_model.model.{path}.lora_B.weight"] = weights.up.detach().contiguous()
+            path = _peft_path(component, module_key.split(".", 1)[1])
+            down, up = factors_without_core(weights)  # PEFT's conv LoRA has no Tucker core
+            tensors[f"base_model.model.{path}.lora_A.weight"] = down.detach().contiguous()
+            tensors[f"base_model.model.{path}.lora_B.weight"] = up.detach().contiguous()
     return tensors
 
 
