@@ -219,7 +219,8 @@ class LoRAFactors(nn.Module):
 
     def factors(self) -> tuple[nn.Parameter, ...]:
         """``(down, up)``, or ``(down, up, mid)`` with a Tucker core: the trainable tensors."""
-        return (self.down, self.up) if self.mid is None else (self.down, self.up, self.mid)
+        # Straight from _parameters (registration order): nn.Module.__getattr__ made this a hot spot per forward.
+        return tuple(parameter for parameter in self._parameters.values() if parameter is not None)
 
     def reset_parameters(self) -> None:
         with torch.no_grad():
@@ -282,7 +283,7 @@ class LoRAFactors(nn.Module):
 
     def version(self) -> tuple[int, ...]:
         """Changes whenever a factor is written in place (optimizer steps, ``load_state_dict``): for caches."""
-        return tuple(factor._version for factor in self.factors())
+        return tuple(parameter._version for parameter in self._parameters.values() if parameter is not None)
 
     def largest_entries(self, exact: bool = False) -> tuple[float, float]:
         """``(max |s·B A|, max |s·B|)``, what this adapter adds to its layer at multiplier 1 and its scaled ``up``

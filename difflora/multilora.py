@@ -22,7 +22,7 @@ from torch.nn.utils import parametrize
 from .errors import DiffloraError, FuseError, InvalidArgumentError
 from .lora import LoRAFactors, fold_tucker_core, merged_form_is_cheaper
 
-__all__ = ["ActiveAdapter", "AdapterDict", "MultiLoRA", "stored_weight"]
+__all__ = ["ActiveAdapter", "AdapterDict", "Mix", "MultiLoRA", "stored_weight"]
 
 
 _GLOBAL_HOOKS = (
@@ -78,6 +78,16 @@ class AdapterDict(nn.Module):
 
 
 @dataclass(frozen=True)
+class Mix:
+    """What one forward call adds: the active adapters, whether any is trainable, and the mix's key (``None`` when
+    trainable: trainable factors are never cached)."""
+
+    active: list[ActiveAdapter]
+    trainable: bool
+    key: tuple | None
+
+
+@dataclass(frozen=True)
 class ActiveAdapter:
     name: str
     factors: LoRAFactors
@@ -128,6 +138,7 @@ class MultiLoRA(nn.Module):
         self._stack_key: tuple | None = None
         self._stack: tuple[torch.Tensor, torch.Tensor] | None = None
         self._checked_key: tuple | None = None
+        self._active: list[ActiveAdapter] | None = None
 
     # ----- adapters -------------------------------------------------------------------------------------------
     @property
@@ -143,24 +154,28 @@ class MultiLoRA(nn.Module):
             )
         self.adapters[name] = factors
         self.multipliers[name] = float(multiplier)
-        self._stack_key = None
+        self._stack_key, self._active = None, None
 
     def remove(self, name: str) -> None:
         if name in self.adapters:
             del self.adapters[name]
             self.multipliers.pop(name, None)
-            self._stack_key = None
+            self._stack_key, self._active = None, None
 
     def set_multiplier(self, name: str, multiplier: float) -> None:
         if name in self.adapters:
             self.multipliers[name] = float(multiplier)
+            self._active = None
 
     def active(self) -> list[ActiveAdapter]:
-        return [
-            ActiveAdapter(name, factors, self.multipliers[name])
-            for name, factors in self.adapters.items()
-            if self.multipliers.get(name, 0.0) != 0.0
-        ]
+        """The adapters with a non-zero multiplier (kept until an adapter or a multiplier changes: asked per call)."""
+        if self._active is None:
+            self._active = [
+                ActiveAdapter(name, factors, self.multipliers[name])
+                for name, factors in self.adapters.items()
+                if self.multipliers.get(name, 0.0) != 0.0
+            ]
+        return self._active
 
     # ----- the range check ------------------------------------------------------------------------------------
     @staticmethod
@@ -169,17 +184,20 @@ class MultiLoRA(nn.Module):
         # from it never matches a changed factor.
         return tuple((a.name, a.multiplier, a.factors.version(), a.factors.scale) for a in active)
 
-    def check_range(self, dtype: torch.dtype, error: type[DiffloraError] = InvalidArgumentError) -> None:
+    def check_range(
+        self, dtype: torch.dtype, error: type[DiffloraError] = InvalidArgumentError, mix_key: tuple | None = None
+    ) -> None:
         """Refuse the active mix if an adapter's ``m · s · B A`` (fp32) or its scaled factor ``m · s · B`` is not
         finite or exceeds what ``dtype`` holds (``torch.finfo(dtype).max``: 65504 for fp16), naming the adapter, the
         module and the numbers: ``error`` (:class:`InvalidArgumentError`, or :class:`FuseError` from :meth:`fuse`)
         with ``parameter="weight"``.
 
         Cheap: a bound first (no product), the exact maximum only when the bound is over the limit; each adapter's
-        numbers are cached until its factors change, and a mix already checked for ``dtype`` is not checked again.
+        numbers are cached until its factors change, and a mix already checked for ``dtype`` is not checked again
+        (``mix_key``: the mix's key when the caller has it already).
         """
         active = self.active()
-        key = (dtype, self._mix_key(active))
+        key = (dtype, mix_key if mix_key is not None else self._mix_key(active))
         if key == self._checked_key or not dtype.is_floating_point:
             return
         limit = torch.finfo(dtype).max
@@ -199,34 +217,47 @@ class MultiLoRA(nn.Module):
         self._checked_key = key
 
     # ----- forward --------------------------------------------------------------------------------------------
-    def plan(self, x: torch.Tensor) -> str | None:
-        """How to add the active mix for input ``x``: ``"merged"`` (``(W + ΔW) x``), ``"factored"``
-        (``W x + B (A x)``) or ``None`` (nothing active, or fused), whichever costs less
-        (:func:`~difflora.lora.merged_form_is_cheaper`; a conv counts each output pixel as a token and
-        ``in · kh · kw`` inputs). Without gradients, the mix is checked against ``x``'s dtype first."""
+    def snapshot(self) -> Mix | None:
+        """The mix one forward call computes (``None`` when nothing is active or the mix is fused), taken once per
+        call and handed to :meth:`plan`, :meth:`merged_weight` and :meth:`delta`, so a call asks for each adapter's
+        factors and versions once."""
         if self.fused:
             return None
         active = self.active()
         if not active:
             return None
-        trainable = self._trainable(active)
-        if not trainable:
-            self.check_range(x.dtype)
+        trainable = any(factor.requires_grad for a in active for factor in a.factors.factors())
+        return Mix(active, trainable, None if trainable else self._mix_key(active))
+
+    def plan(self, x: torch.Tensor, mix: Mix | None = None) -> str | None:
+        """How to add the active mix for input ``x``: ``"merged"`` (``(W + ΔW) x``), ``"factored"``
+        (``W x + B (A x)``) or ``None`` (nothing active, or fused), whichever costs less
+        (:func:`~difflora.lora.merged_form_is_cheaper`; a conv counts each output pixel as a token and
+        ``in · kh · kw`` inputs). Without gradients, the mix is checked against ``x``'s dtype first."""
+        mix = mix or self.snapshot()
+        if mix is None:
+            return None
+        if not mix.trainable:
+            self.check_range(x.dtype, mix_key=mix.key)
         tokens = x.numel() // self.in_features if self.kernel_size else x.numel() // max(x.shape[-1], 1)
         kernel = self.kernel_size[0] * self.kernel_size[1] if self.kernel_size else 1
-        total_rank = sum(a.factors.rank for a in active)
+        total_rank = sum(a.factors.rank for a in mix.active)
         cheaper = merged_form_is_cheaper(tokens, self.in_features * kernel, self.out_features, total_rank,
-                                         trainable and torch.is_grad_enabled())
+                                         mix.trainable and torch.is_grad_enabled())
         return "merged" if cheaper else "factored"
 
-    def merged_weight(self, weight: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    def merged_weight(
+        self, weight: torch.Tensor, dtype: torch.dtype | None = None, mix: Mix | None = None
+    ) -> torch.Tensor:
         """``W + Σ m s B A`` computed in fp32 and cast once, to ``dtype`` (default: ``weight``'s), with each trainable
         adapter's own graph, else from the cached stack."""
-        active = self.active()
-        if self._trainable(active):
+        mix = mix or self.snapshot()
+        if mix is None:
+            return weight if dtype is None else weight.to(dtype)
+        if mix.trainable:
             delta = self.delta_weight()
         else:
-            down_stack, up_stack = self._stacked(active, torch.float32, weight.device)
+            down_stack, up_stack = self._stacked(mix, torch.float32, weight.device)
             delta = (up_stack @ down_stack).reshape(weight.shape)
         return (weight.float() + delta).to(dtype or weight.dtype)
 
@@ -236,52 +267,49 @@ class MultiLoRA(nn.Module):
         The merged form calls ``F.linear`` with the base layer's tensors, so it is only taken where that is all the
         layer's forward would do (:func:`_runs_plain_forward`); offloaded, hooked and quantised layers run their own.
         """
-        form = self.plan(x)
+        mix = self.snapshot()
+        form = self.plan(x, mix)
         if form == "merged" and _runs_plain_forward(base, x):
-            return F.linear(x, self.merged_weight(base.weight, x.dtype), base.bias)
+            return F.linear(x, self.merged_weight(base.weight, x.dtype, mix), base.bias)
         output = base(x)
         if form is None:
             return output
-        return output + self.delta(x).to(output.dtype)
+        return output + self.delta(x, mix=mix).to(output.dtype)
 
-    @staticmethod
-    def _trainable(active: list[ActiveAdapter]) -> bool:
-        return any(factor.requires_grad for a in active for factor in a.factors.factors())
-
-    def delta(self, x: torch.Tensor, conv: nn.Conv2d | None = None) -> torch.Tensor | None:
+    def delta(self, x: torch.Tensor, conv: nn.Conv2d | None = None, mix: Mix | None = None) -> torch.Tensor | None:
         """``Σ m s B A x``, or ``None`` when nothing is active or fused: for a Linear ``x`` of shape
         (..., in_features); for a Conv2d ``x`` of shape (batch, in, h, w) and ``conv`` the layer (its stride, padding
-        and dilation)."""
-        if self.fused:
+        and dilation). ``mix``: the call's :meth:`snapshot`, already checked by :meth:`plan`."""
+        if mix is None:
+            mix = self.snapshot()
+            if mix is not None and not mix.trainable:
+                self.check_range(x.dtype, mix_key=mix.key)
+        if mix is None:
             return None
-        active = self.active()
-        if not active:
-            return None
-        if self._trainable(active):
+        if mix.trainable:
             # Trainable factors: keep each adapter's own graph (the factors may be fp32 while x is fp16/bf16 under
             # autocast), and never cache them: optimizers may write them through .data, unseen by _version.
             total = None
-            for adapter in active:
+            for adapter in mix.active:
                 term = adapter.factors(x, adapter.multiplier, conv)
                 total = term if total is None else total + term
             return total
-        self.check_range(x.dtype)
-        down_stack, up_stack = self._stacked(active, x.dtype, x.device)
+        down_stack, up_stack = self._stacked(mix, x.dtype, x.device)
         if self.kernel_size is None:
             return (x @ down_stack.t()) @ up_stack.t()
         spatial = {"stride": conv.stride, "padding": conv.padding, "dilation": conv.dilation}
         down_kernels = down_stack.reshape(down_stack.shape[0], self.in_features, *self.kernel_size)
         return F.conv2d(F.conv2d(x, down_kernels, **spatial), up_stack[:, :, None, None])
 
-    def _stacked(self, active: list[ActiveAdapter], dtype: torch.dtype, device: torch.device):
+    def _stacked(self, mix: Mix, dtype: torch.dtype, device: torch.device):
         """``[A_1; A_2; …]`` (Σr × in·kh·kw) and ``[m_1 s_1 B_1, …]`` (out × Σr), cached per mix. A Tucker core is
         folded into its ``A`` (``mid ∘ down`` is an r × in × kh × kw conv, exactly)."""
-        key = (dtype, device, self._mix_key(active))  # a stale stack is never used (see _mix_key)
+        key = (dtype, device, mix.key)  # a stale stack is never used (see _mix_key)
         if key != self._stack_key:
             with torch.no_grad():
-                down_stack = torch.cat([_conv_down(a.factors) for a in active], dim=0)
+                down_stack = torch.cat([_conv_down(a.factors) for a in mix.active], dim=0)
                 up_stack = torch.cat([a.factors.up.float().flatten(1) * (a.multiplier * a.factors.scale)
-                                      for a in active], dim=1)
+                                      for a in mix.active], dim=1)
             self._stack = (down_stack.to(device=device, dtype=dtype), up_stack.to(device=device, dtype=dtype))
             self._stack_key = key
         return self._stack

@@ -450,19 +450,21 @@ class LayerHost(nn.Module):
         self._handles: list = []
         self._merges = False
         self._form: str | None = None
+        self._mix = None  # the branch's snapshot for the call under way
 
     def _plan(self, module: nn.Module, inputs: tuple) -> None:
-        form = self.branch.plan(inputs[0])
+        self._mix = self.branch.snapshot()
+        form = self.branch.plan(inputs[0], self._mix)
         self._form = "factored" if form == "merged" and not self._merges else form
 
     def weight_for_this_call(self, weight: torch.Tensor) -> torch.Tensor:
-        return self.branch.merged_weight(weight) if self._form == "merged" else weight
+        return self.branch.merged_weight(weight, mix=self._mix) if self._form == "merged" else weight
 
     def _add_delta(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
-        form, self._form = self._form, None  # the weight is W again outside a call
+        form, mix, self._form, self._mix = self._form, self._mix, None, None  # the weight is W outside a call
         if form != "factored":
             return output
-        return output + self.branch.delta(inputs[0], module if self.conv else None).to(output.dtype)
+        return output + self.branch.delta(inputs[0], module if self.conv else None, mix).to(output.dtype)
 
     def install(self) -> None:
         self.uninstall()
