@@ -15,8 +15,18 @@ import torch
 
 from .keys import layer_name, split_module_key
 from .lora import lora_delta, lora_scale
+from .lycoris import loha_delta, lokr_delta
 
-__all__ = ["AdapterState", "LoRAModuleWeights", "factor_shape_problem"]
+__all__ = [
+    "AdapterState",
+    "FullModuleWeights",
+    "LoHaModuleWeights",
+    "LoKrModuleWeights",
+    "LoRAModuleWeights",
+    "ModuleWeights",
+    "dora_problem",
+    "factor_shape_problem",
+]
 
 
 def factor_shape_problem(down: torch.Tensor, up: torch.Tensor, mid: torch.Tensor | None = None) -> str | None:
@@ -59,6 +69,10 @@ class LoRAModuleWeights:
     alpha: float
     use_rslora: bool = False
     mid: torch.Tensor | None = None
+    dora_scale: torch.Tensor | None = None  # DoRA's magnitude (see difflora.lycoris.dora_weight)
+    wd_on_output: bool = True  # DoRA's norm per output row (True) or per input column
+
+    kind = "lora"
 
     @property
     def rank(self) -> int:
@@ -105,7 +119,200 @@ class LoRAModuleWeights:
             return "has alpha 0, which tools read differently (kohya: alpha = rank; A1111, ComfyUI: no effect)"
         if not all(_holds_only_finite_values(factor) for factor in factors):
             return "holds NaN or inf values"
+        return dora_problem(self)
+
+
+def dora_problem(module) -> str | None:
+    """What is wrong with a module's DoRA magnitude: its shape (out × 1… per output row, 1 × in × 1… per input
+    column, as ``wd_on_output`` says) or its values (finite)."""
+    scale = module.dora_scale
+    if scale is None:
         return None
+    out_features, in_features = module.weight_shape[0], module.weight_shape[1]
+    expected = out_features if module.wd_on_output else in_features
+    axis = 0 if module.wd_on_output else 1
+    if not scale.is_floating_point() or scale.numel() != expected or (scale.ndim > 1 and scale.shape[axis] != expected):
+        side = "output" if module.wd_on_output else "input"
+        return f"has a DoRA magnitude of shape {tuple(scale.shape)}, expected one value per {side} ({expected})"
+    if not _holds_only_finite_values(scale):
+        return "holds NaN or inf values in its DoRA magnitude"
+    return None
+
+
+def _problem_of(tensors: dict[str, torch.Tensor | None], alpha: float | None) -> str | None:
+    """The checks every kind shares: floating-point, non-empty, finite tensors and a finite non-zero alpha."""
+    present = {name: tensor for name, tensor in tensors.items() if tensor is not None}
+    for name, tensor in present.items():
+        if not tensor.is_floating_point():
+            return f"has {name} of type {tensor.dtype}, expected floating point"
+        if tensor.numel() == 0:
+            return f"has an empty {name} of shape {tuple(tensor.shape)}"
+    if alpha is not None and not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha != 0):
+        return f"has alpha {alpha!r}, expected a finite non-zero number"
+    if not all(_holds_only_finite_values(tensor) for tensor in present.values()):
+        return "holds NaN or inf values"
+    return None
+
+
+@dataclass
+class LoHaModuleWeights:
+    """One layer's LoHa update (LyCORIS ``hada_*`` keys): ``ΔW = s · (w1a w1b) ⊙ (w2a w2b)`` (see
+    :mod:`difflora.lycoris`). Without Tucker cores the shape is the matrix view out × in·kh·kw, which the runtime
+    gives the layer's own shape."""
+
+    w1a: torch.Tensor
+    w1b: torch.Tensor
+    w2a: torch.Tensor
+    w2b: torch.Tensor
+    alpha: float | None = None
+    t1: torch.Tensor | None = None
+    t2: torch.Tensor | None = None
+    dora_scale: torch.Tensor | None = None
+    wd_on_output: bool = True
+
+    kind = "loha"
+    use_rslora = False
+
+    @property
+    def rank(self) -> int:
+        return self.w1b.shape[0]
+
+    @property
+    def scale(self) -> float:
+        return lora_scale(self.rank, self.alpha if self.alpha is not None else self.rank)
+
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        if self.t1 is not None:
+            return (self.w1a.shape[1], self.w1b.shape[1], *self.t1.shape[2:])
+        return (self.w1a.shape[0], self.w1b.shape[1])
+
+    def tensors(self) -> dict[str, torch.Tensor | None]:
+        return {"w1a": self.w1a, "w1b": self.w1b, "w2a": self.w2a, "w2b": self.w2b, "t1": self.t1, "t2": self.t2}
+
+    def delta_weight(self) -> torch.Tensor:
+        return loha_delta(self.w1a, self.w1b, self.w2a, self.w2b, self.t1, self.t2, self.scale, self.weight_shape)
+
+    def problem(self) -> str | None:
+        tucker = self.t1 is not None
+        if tucker != (self.t2 is not None) or any(t.ndim < 2 for t in (self.w1a, self.w1b, self.w2a, self.w2b)):
+            return "has LoHa factors that do not fit together (two matrix pairs, and both Tucker cores or none)"
+        pairs = ((self.w1a, self.w1b), (self.w2a, self.w2b))
+        if tucker:
+            fits = all(a.ndim == 2 and b.ndim == 2 and a.shape[0] == b.shape[0] == self.rank for a, b in pairs)
+            fits = fits and all(t.ndim == 4 and tuple(t.shape[:2]) == (self.rank,) * 2 for t in (self.t1, self.t2))
+        else:
+            fits = all(a.ndim == 2 and a.shape[1] == b.shape[0] == self.rank for a, b in pairs)
+            fits = fits and self.w1a.shape[0] == self.w2a.shape[0] and self.w1b[0].numel() == self.w2b[0].numel()
+        if not fits:
+            shapes = ", ".join(f"{name} {tuple(t.shape)}" for name, t in self.tensors().items() if t is not None)
+            return f"has LoHa factors whose shapes do not fit together ({shapes})"
+        return _problem_of(self.tensors(), self.alpha) or dora_problem(self)
+
+
+@dataclass
+class LoKrModuleWeights:
+    """One layer's LoKr update (LyCORIS ``lokr_*`` keys): ``ΔW = s · w1 ⊗ w2``, each side whole or factorised (see
+    :mod:`difflora.lycoris`). Without a kernel in ``w2`` the shape is the matrix view out × in·kh·kw."""
+
+    w1: torch.Tensor | None = None
+    w1a: torch.Tensor | None = None
+    w1b: torch.Tensor | None = None
+    w2: torch.Tensor | None = None
+    w2a: torch.Tensor | None = None
+    w2b: torch.Tensor | None = None
+    t2: torch.Tensor | None = None
+    alpha: float | None = None
+    dora_scale: torch.Tensor | None = None
+    wd_on_output: bool = True
+
+    kind = "lokr"
+    use_rslora = False
+
+    def _left(self) -> tuple[int, int]:
+        return tuple(self.w1.shape) if self.w1 is not None else (self.w1a.shape[0], self.w1b.shape[1])
+
+    def _right(self) -> tuple[int, ...]:
+        if self.w2 is not None:
+            return tuple(self.w2.shape)
+        if self.t2 is not None:
+            return (self.w2a.shape[1], self.w2b.shape[1], *self.t2.shape[2:])
+        return (self.w2a.shape[0], self.w2b[0].numel())
+
+    @property
+    def rank(self) -> int:
+        factorised = self.w1b if self.w1 is None else (self.w2b if self.w2 is None else None)
+        return factorised.shape[0] if factorised is not None else 0
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank if self.rank and self.alpha is not None else 1.0
+
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        (a, b), right = self._left(), self._right()
+        return (a * right[0], b * right[1], *right[2:])
+
+    def tensors(self) -> dict[str, torch.Tensor | None]:
+        return {"w1": self.w1, "w1a": self.w1a, "w1b": self.w1b, "w2": self.w2, "w2a": self.w2a, "w2b": self.w2b,
+                "t2": self.t2}
+
+    def delta_weight(self) -> torch.Tensor:
+        return lokr_delta(self.w1, self.w1a, self.w1b, self.w2, self.w2a, self.w2b, self.t2, self.scale,
+                          self.weight_shape)
+
+    def problem(self) -> str | None:
+        sides_whole = (self.w1 is not None, self.w2 is not None)
+        pairs_given = (self.w1a is not None and self.w1b is not None, self.w2a is not None and self.w2b is not None)
+        if not all(whole != pair for whole, pair in zip(sides_whole, pairs_given)):
+            return "has LoKr factors that do not fit together (each side whole, lokr_wN, or a pair lokr_wN_a/_b)"
+        try:
+            self.weight_shape
+            fits = (self.w1 is not None or self.w1a.shape[1] == self.w1b.shape[0]) and (
+                self.w2 is not None or (self.w2a.shape[0 if self.t2 is not None else 1] == self.w2b.shape[0]))
+        except (IndexError, AttributeError):
+            fits = False
+        if not fits:
+            shapes = ", ".join(f"{name} {tuple(t.shape)}" for name, t in self.tensors().items() if t is not None)
+            return f"has LoKr factors whose shapes do not fit together ({shapes})"
+        return _problem_of(self.tensors(), self.alpha if self.rank else None) or dora_problem(self)
+
+
+@dataclass
+class FullModuleWeights:
+    """One layer's full update (LyCORIS ``diff`` and ``diff_b``): the weight change and the bias change."""
+
+    diff: torch.Tensor
+    diff_b: torch.Tensor | None = None
+    dora_scale: torch.Tensor | None = None
+    wd_on_output: bool = True
+
+    kind = "full"
+    use_rslora = False
+    alpha = 1.0
+    rank = 0
+    scale = 1.0
+
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        return tuple(self.diff.shape)
+
+    def tensors(self) -> dict[str, torch.Tensor | None]:
+        return {"diff": self.diff, "diff_b": self.diff_b}
+
+    def delta_weight(self) -> torch.Tensor:
+        return self.diff.float()
+
+    def problem(self) -> str | None:
+        bias_fits = self.diff_b is None or tuple(self.diff_b.shape) == self.diff.shape[:1]
+        if self.diff.ndim not in (2, 4) or not bias_fits:
+            bias = f" and diff_b {tuple(self.diff_b.shape)}" if self.diff_b is not None else ""
+            return f"has a full diff of shape {tuple(self.diff.shape)}{bias}, expected a weight's shape and its bias'"
+        return _problem_of(self.tensors(), None) or dora_problem(self)
+
+
+ModuleWeights = LoRAModuleWeights | LoHaModuleWeights | LoKrModuleWeights | FullModuleWeights
+"""One adapted layer's update, of any kind difflora applies."""
 
 
 @dataclass
@@ -116,7 +323,7 @@ class AdapterState:
     they are reported, never silently dropped.
     """
 
-    modules: dict[str, LoRAModuleWeights]
+    modules: dict[str, ModuleWeights]
     metadata: dict[str, str] = field(default_factory=dict)
     source_format: str = "difflora"
     skipped: list[str] = field(default_factory=list)
@@ -137,7 +344,12 @@ class AdapterState:
         return sorted({weights.rank for weights in self.modules.values()})
 
     def alphas(self) -> list[float]:
-        return sorted({weights.alpha for weights in self.modules.values()})
+        return sorted({weights.alpha for weights in self.modules.values() if weights.alpha is not None})
+
+    def kinds(self) -> list[str]:
+        """The algorithms of the modules (``lora``, ``loha``, ``lokr``, ``full``), DoRA as ``+dora``: sorted."""
+        return sorted({weights.kind + ("+dora" if weights.dora_scale is not None else "")
+                       for weights in self.modules.values()})
 
     def targets(self) -> dict[str, list[str]]:
         """The layers adapted in each component by their name within a block (:func:`~difflora.keys.layer_name`),

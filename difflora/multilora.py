@@ -21,6 +21,7 @@ from torch.nn.utils import parametrize
 
 from .errors import DiffloraError, FuseError, InvalidArgumentError
 from .lora import LoRAFactors, fold_tucker_core, merged_form_is_cheaper
+from .lycoris import dora_weight
 
 __all__ = ["ActiveAdapter", "AdapterDict", "Mix", "MultiLoRA", "stored_weight"]
 
@@ -80,11 +81,19 @@ class AdapterDict(nn.Module):
 @dataclass(frozen=True)
 class Mix:
     """What one forward call adds: the active adapters, whether any is trainable, and the mix's key (``None`` when
-    trainable: trainable factors are never cached)."""
+    trainable: trainable factors are never cached). ``low_rank`` are the LoRA updates that stack (no DoRA);
+    ``others`` the rest (LoHa, LoKr, full diffs, and any update with a DoRA magnitude), built whole."""
 
     active: list[ActiveAdapter]
     trainable: bool
     key: tuple | None
+    low_rank: list[ActiveAdapter]
+    others: list[ActiveAdapter]
+
+    @property
+    def needs_merged_form(self) -> bool:
+        """A DoRA update rescales the whole weight: it has no factored form."""
+        return any(_magnitude(a.factors) is not None for a in self.others)
 
 
 @dataclass(frozen=True)
@@ -92,6 +101,15 @@ class ActiveAdapter:
     name: str
     factors: LoRAFactors
     multiplier: float
+
+
+def _magnitude(update: nn.Module) -> torch.Tensor | None:
+    return getattr(update, "magnitude", None)
+
+
+def _stacks(update: nn.Module) -> bool:
+    """Whether ``update`` joins the stacked low-rank pair: a LoRA without a DoRA magnitude."""
+    return isinstance(update, LoRAFactors) and _magnitude(update) is None
 
 
 def stored_weight(layer: nn.Module) -> torch.Tensor:
@@ -227,7 +245,9 @@ class MultiLoRA(nn.Module):
         if not active:
             return None
         trainable = any(factor.requires_grad for a in active for factor in a.factors.factors())
-        return Mix(active, trainable, None if trainable else self._mix_key(active))
+        low_rank = [a for a in active if _stacks(a.factors)]
+        others = [a for a in active if not _stacks(a.factors)]
+        return Mix(active, trainable, None if trainable else self._mix_key(active), low_rank, others)
 
     def plan(self, x: torch.Tensor, mix: Mix | None = None) -> str | None:
         """How to add the active mix for input ``x``: ``"merged"`` (``(W + ΔW) x``), ``"factored"``
@@ -239,6 +259,8 @@ class MultiLoRA(nn.Module):
             return None
         if not mix.trainable:
             self.check_range(x.dtype, mix_key=mix.key)
+        if mix.others:
+            return "merged"  # updates built whole: adding them to W costs no more than one product
         tokens = x.numel() // self.in_features if self.kernel_size else x.numel() // max(x.shape[-1], 1)
         kernel = self.kernel_size[0] * self.kernel_size[1] if self.kernel_size else 1
         total_rank = sum(a.factors.rank for a in mix.active)
@@ -249,17 +271,35 @@ class MultiLoRA(nn.Module):
     def merged_weight(
         self, weight: torch.Tensor, dtype: torch.dtype | None = None, mix: Mix | None = None
     ) -> torch.Tensor:
-        """``W + Σ m s B A`` computed in fp32 and cast once, to ``dtype`` (default: ``weight``'s), with each trainable
-        adapter's own graph, else from the cached stack."""
+        """The weight the mix makes of ``weight``, computed in fp32 and cast once, to ``dtype`` (default:
+        ``weight``'s): ``W + Σ m s B A`` for the stacking LoRAs (each trainable adapter's own graph, else the cached
+        stack), plus each other update's ``m · ΔW``, then each DoRA update in turn
+        (:func:`~difflora.lycoris.dora_weight` of the weight so far)."""
         mix = mix or self.snapshot()
         if mix is None:
             return weight if dtype is None else weight.to(dtype)
-        if mix.trainable:
-            delta = self.delta_weight()
-        else:
-            down_stack, up_stack = self._stacked(mix, torch.float32, weight.device)
-            delta = (up_stack @ down_stack).reshape(weight.shape)
-        return (weight.float() + delta).to(dtype or weight.dtype)
+        merged = weight.float()
+        if mix.low_rank:
+            if mix.trainable:
+                merged = merged + sum(a.factors.delta_weight() * a.multiplier for a in mix.low_rank)
+            else:
+                down_stack, up_stack = self._stacked(mix, torch.float32, weight.device)
+                merged = merged + (up_stack @ down_stack).reshape(weight.shape)
+        for adapter in mix.others:
+            delta = adapter.factors.delta_weight().reshape(weight.shape)
+            magnitude = _magnitude(adapter.factors)
+            if magnitude is None:
+                merged = merged + adapter.multiplier * delta
+            else:
+                merged = dora_weight(merged, delta, magnitude, adapter.multiplier, adapter.factors.wd_on_output)
+        return merged.to(dtype or weight.dtype)
+
+    def bias_delta(self, mix: Mix | None = None) -> torch.Tensor | None:
+        """``Σ m Δb`` of the updates that change the bias (full diffs' ``diff_b``), fp32, or ``None``."""
+        mix = mix or self.snapshot()
+        terms = [a.factors.bias_delta() * a.multiplier for a in (mix.others if mix else [])
+                 if getattr(a.factors, "bias_delta", lambda: None)() is not None]
+        return sum(terms) if terms else None
 
     def linear(self, base: nn.Linear, x: torch.Tensor) -> torch.Tensor:
         """``base(x) + Σ m s B A x``, in the merged or the factored form, whichever costs less for this ``x``.
@@ -270,7 +310,10 @@ class MultiLoRA(nn.Module):
         mix = self.snapshot()
         form = self.plan(x, mix)
         if form == "merged" and _runs_plain_forward(base, x):
-            return F.linear(x, self.merged_weight(base.weight, x.dtype, mix), base.bias)
+            bias, bias_delta = base.bias, self.bias_delta(mix)
+            if bias_delta is not None:
+                bias = (bias.float() + bias_delta if bias is not None else bias_delta).to(x.dtype)
+            return F.linear(x, self.merged_weight(base.weight, x.dtype, mix), bias)
         output = base(x)
         if form is None:
             return output
@@ -286,14 +329,23 @@ class MultiLoRA(nn.Module):
                 self.check_range(x.dtype, mix_key=mix.key)
         if mix is None:
             return None
-        if mix.trainable:
-            # Trainable factors: keep each adapter's own graph (the factors may be fp32 while x is fp16/bf16 under
-            # autocast), and never cache them: optimizers may write them through .data, unseen by _version.
-            total = None
-            for adapter in mix.active:
-                term = adapter.factors(x, adapter.multiplier, conv)
-                total = term if total is None else total + term
-            return total
+        if mix.needs_merged_form:
+            raise InvalidArgumentError(
+                f"{self.module or 'this layer'}: a DoRA adapter needs the merged form, and this layer runs a forward "
+                "of its own (offloaded or hooked): load the model without offloading", "model")
+        # Trainable factors keep each adapter's own graph (the factors may be fp32 while x is fp16/bf16 under
+        # autocast), and are never cached: optimizers may write them through .data, unseen by _version. Updates
+        # built whole (LoHa, LoKr, full) apply their ΔW as a layer of their own.
+        singles = mix.active if mix.trainable else mix.others
+        total = None
+        if mix.low_rank and not mix.trainable:
+            total = self._stacked_delta(x, conv, mix)
+        for adapter in singles:
+            term = adapter.factors(x, adapter.multiplier, conv)
+            total = term if total is None else total + term
+        return total
+
+    def _stacked_delta(self, x: torch.Tensor, conv: nn.Conv2d | None, mix: Mix) -> torch.Tensor:
         down_stack, up_stack = self._stacked(mix, x.dtype, x.device)
         if self.kernel_size is None:
             return (x @ down_stack.t()) @ up_stack.t()
@@ -307,47 +359,58 @@ class MultiLoRA(nn.Module):
         key = (dtype, device, mix.key)  # a stale stack is never used (see _mix_key)
         if key != self._stack_key:
             with torch.no_grad():
-                down_stack = torch.cat([_conv_down(a.factors) for a in mix.active], dim=0)
+                down_stack = torch.cat([_conv_down(a.factors) for a in mix.low_rank], dim=0)
                 up_stack = torch.cat([a.factors.up.float().flatten(1) * (a.multiplier * a.factors.scale)
-                                      for a in mix.active], dim=1)
+                                      for a in mix.low_rank], dim=1)
             self._stack = (down_stack.to(device=device, dtype=dtype), up_stack.to(device=device, dtype=dtype))
             self._stack_key = key
         return self._stack
 
     def delta_weight(self) -> torch.Tensor | None:
-        """``Σ m s B A`` in fp32, shaped like the weight, or ``None`` when nothing is active."""
+        """``Σ m ΔW`` in fp32, shaped like the weight, or ``None`` when nothing is active. (A DoRA update rescales the
+        weight it is added to, so with one the change is ``merged_weight(W) − W``, not this sum.)"""
         total = None
         for adapter in self.active():
-            term = adapter.factors.delta_weight() * adapter.multiplier
+            term = adapter.factors.delta_weight().reshape(self.weight_shape) * adapter.multiplier
             total = term if total is None else total + term
         return total
 
     # ----- fusing ---------------------------------------------------------------------------------------------
     def fuse(self, base: nn.Linear | nn.Conv2d) -> None:
-        """Write the active mix into ``base``'s weight and keep the original for :meth:`unfuse`."""
+        """Write the active mix into ``base``'s weight (and bias, for full diffs) and keep the originals for
+        :meth:`unfuse`."""
         if self.fused:
             raise RuntimeError("already fused; unfuse first")
         weight = stored_weight(base)
         self.check_range(weight.dtype, FuseError)
-        delta = self.delta_weight()
+        mix = self.snapshot()
         original = weight.detach().clone()
-        if delta is not None:
-            fused = (original.float() + delta.to(original.device)).to(original.dtype)
+        bias_delta = self.bias_delta(mix)
+        if bias_delta is not None and base.bias is None:
+            raise FuseError(f"{self.module or 'this layer'}: a full diff changes a bias the layer does not have")
+        if mix is not None:
+            with torch.no_grad():
+                fused = self.merged_weight(original, mix=mix)
             if not torch.isfinite(fused).all():
                 raise FuseError(f"fusing would write NaN/inf into a {tuple(original.shape)} {original.dtype} weight "
                                 "(weights too large for its precision); nothing was changed")
             with torch.no_grad():
                 weight.copy_(fused)
+                if bias_delta is not None:
+                    self.register_buffer("original_bias", base.bias.detach().clone(), persistent=False)
+                    base.bias.copy_((base.bias.float() + bias_delta).to(base.bias.dtype))
         # A non-persistent buffer follows .to(device) with the module and stays out of state_dict().
         self.register_buffer("original_weight", original, persistent=False)
         self.fused = True
 
     def unfuse(self, base: nn.Linear | nn.Conv2d) -> None:
-        """Restore the weight :meth:`fuse` replaced, bit for bit."""
+        """Restore the weight (and bias) :meth:`fuse` replaced, bit for bit."""
         if not self.fused:
             return
         with torch.no_grad():
             stored_weight(base).copy_(self.original_weight)
+            if "original_bias" in self._buffers:
+                base.bias.copy_(self.original_bias)
         self._forget_original()
 
     def commit_fuse(self) -> None:
@@ -359,6 +422,8 @@ class MultiLoRA(nn.Module):
 
     def _forget_original(self) -> None:
         del self.original_weight
+        if "original_bias" in self._buffers:
+            del self.original_bias
         self.fused = False
 
     def extra_repr(self) -> str:

@@ -29,6 +29,7 @@ from .multilora import MultiLoRA
 __all__ = [
     "AttentionSite",
     "CLIPLoRAAttnProcessor",
+    "HookedBranch",
     "InstalledProcessors",
     "LayerHost",
     "LayerSite",
@@ -155,11 +156,6 @@ class _LoRAAttentionHost(nn.Module):
             yield projection, self.branch(projection), _linear(attn, projection)
 
 
-def _with_delta(output: torch.Tensor, branch: MultiLoRA, x: torch.Tensor) -> torch.Tensor:
-    delta = branch.delta(x)
-    return output if delta is None else output + delta.to(output.dtype)
-
-
 class LoRAAttnProcessor(_LoRAAttentionHost):
     """Attention for a diffusers ``Attention`` block with LoRA on ``to_q``, ``to_k``, ``to_v`` and ``to_out.0``.
 
@@ -238,30 +234,28 @@ class LoRAAttnProcessor(_LoRAAttentionHost):
 class CLIPLoRAAttnProcessor(_LoRAAttentionHost):
     """LoRA for a CLIP self-attention block (``q_proj``, ``k_proj``, ``v_proj``, ``out_proj``).
 
-    :meth:`install` hooks the four projections so that each returns ``p(x) + Σ m s B A x``; the block's own attention
-    code runs unchanged. :meth:`uninstall` removes the hooks.
+    transformers' CLIP attention has no processor slot, so :meth:`install` joins each projection's branch to the
+    projection's own forward (:class:`HookedBranch`, as every layer host does); the block's attention code runs
+    unchanged. :meth:`uninstall` takes the hooks off.
     """
 
     projections = CLIP_PROJECTIONS
 
     def __init__(self, site: AttentionSite, attn: nn.Module) -> None:
         super().__init__(site, attn)
-        self._hook_handles: list = []
+        self._hooked: list[HookedBranch] = []
 
     def install(self, attn: nn.Module) -> None:
         self.uninstall()
-        for projection in self.projections:
-            branch = self.branch(projection)
-
-            def add_lora(module, inputs, output, branch=branch):
-                return _with_delta(output, branch, inputs[0])
-
-            self._hook_handles.append(_linear(attn, projection).register_forward_hook(add_lora))
+        self._hooked = [HookedBranch(self.branch(projection), _linear(attn, projection))
+                        for projection in self.projections]
+        for hooked in self._hooked:
+            hooked.install()
 
     def uninstall(self) -> None:
-        for handle in self._hook_handles:
-            handle.remove()
-        self._hook_handles = []
+        for hooked in self._hooked:
+            hooked.uninstall()
+        self._hooked = []
 
 
 # ----- finding the blocks and installing the processors ---------------------------------------------------------
@@ -411,42 +405,38 @@ def layer_sites(components: dict[str, nn.Module], attention: dict[str, SiteOnMod
 
 
 class _MixedIn(nn.Module):
-    """The parametrization of a hosted layer's weight: ``W + Σ m s B A`` while its host runs the merged form for
+    """The parametrization of a hooked layer's weight: the mix's weight while its branch runs the merged form for
     the current call, else ``W`` itself (``torch.nn.utils.parametrize``, as minLoRA does)."""
 
-    def __init__(self, host: LayerHost) -> None:
+    def __init__(self, hooked: HookedBranch) -> None:
         super().__init__()
-        self._host = [host]  # in a list: the host owns this module, not the other way round
+        self._hooked = [hooked]  # in a list: not a submodule
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        return self._host[0].weight_for_this_call(weight)
+        return self._hooked[0].weight_for_this_call(weight)
 
 
 def _merges(layer: nn.Module) -> bool:
-    """Whether the merged form can stand in the layer's own forward: a plain weight and no forward replaced on the
-    instance (accelerate's offload and device-map hooks do that)."""
-    return type(layer.weight) is nn.Parameter and "forward" not in layer.__dict__ and not hasattr(layer, "_hf_hook")
+    """Whether the merged form can stand in the layer's own forward: a plain weight nobody else parametrizes and no
+    forward replaced on the instance (accelerate's offload and device-map hooks do that)."""
+    return (not parametrize.is_parametrized(layer, "weight") and type(layer.weight) is nn.Parameter
+            and "forward" not in layer.__dict__ and not hasattr(layer, "_hf_hook"))
 
 
-class LayerHost(nn.Module):
-    """The thin host of one Linear or Conv2d: a :class:`MultiLoRA` whose ``Σ m s B A`` joins the layer's own forward,
-    which runs unchanged (so do any hooks or offloading on it).
+class HookedBranch:
+    """Joins a :class:`MultiLoRA` to a Linear's or Conv2d's own forward, which runs unchanged (so do any hooks or
+    offloading on it).
 
-    A forward pre-hook asks the branch for the cheaper form for this input (:meth:`MultiLoRA.plan`). Merged: the
-    layer's weight is a parametrization that gives ``W + ΔW`` for this call (a conv then costs one conv, not three).
-    Factored: a forward hook adds ``B (A x)`` to the output. The host is a submodule of the layer while installed,
-    so it follows the model's ``.to(device)``.
+    A forward pre-hook takes the branch's snapshot and asks for the cheaper form for this input
+    (:meth:`MultiLoRA.plan`). Merged: the layer's weight is a parametrization that gives the mix's weight for this
+    call (a conv then costs one conv, not three; LoHa, LoKr and DoRA need it). Factored: a forward hook adds
+    ``Σ m s B A x``. A full diff's bias change is added by the forward hook in either form.
     """
 
-    def __init__(self, site: LayerSite) -> None:
-        super().__init__()
-        layer = site.layer
-        self.site = site
+    def __init__(self, branch: MultiLoRA, layer: nn.Module) -> None:
+        self.branch = branch
+        self.layer = layer
         self.conv = isinstance(layer, nn.Conv2d)
-        in_features = layer.in_channels if self.conv else layer.in_features
-        out_features = layer.out_channels if self.conv else layer.out_features
-        kernel = tuple(layer.kernel_size) if self.conv else None
-        self.branch = MultiLoRA(in_features, out_features, site.module_key, kernel)
         self._handles: list = []
         self._merges = False
         self._form: str | None = None
@@ -460,20 +450,22 @@ class LayerHost(nn.Module):
     def weight_for_this_call(self, weight: torch.Tensor) -> torch.Tensor:
         return self.branch.merged_weight(weight, mix=self._mix) if self._form == "merged" else weight
 
-    def _add_delta(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+    def _add(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
         form, mix, self._form, self._mix = self._form, self._mix, None, None  # the weight is W outside a call
-        if form != "factored":
+        if form == "factored":
+            return output + self.branch.delta(inputs[0], module if self.conv else None, mix).to(output.dtype)
+        bias_delta = self.branch.bias_delta(mix) if form == "merged" else None
+        if bias_delta is None:
             return output
-        return output + self.branch.delta(inputs[0], module if self.conv else None, mix).to(output.dtype)
+        shape = (-1, 1, 1) if self.conv else (-1,)
+        return output + bias_delta.reshape(shape).to(output.dtype)
 
     def install(self) -> None:
         self.uninstall()
-        layer = self.site.layer
-        self._merges = _merges(layer)
+        self._merges = _merges(self.layer)
         if self._merges:
-            parametrize.register_parametrization(layer, "weight", _MixedIn(self))
-        layer.add_module(_HOST_ATTRIBUTE, self)
-        self._handles = [layer.register_forward_pre_hook(self._plan), layer.register_forward_hook(self._add_delta)]
+            parametrize.register_parametrization(self.layer, "weight", _MixedIn(self))
+        self._handles = [self.layer.register_forward_pre_hook(self._plan), self.layer.register_forward_hook(self._add)]
 
     def uninstall(self) -> None:
         if not self._handles:
@@ -481,7 +473,33 @@ class LayerHost(nn.Module):
         for handle in self._handles:
             handle.remove()
         self._handles = []
-        layer = self.site.layer
-        delattr(layer, _HOST_ATTRIBUTE)
-        if parametrize.is_parametrized(layer, "weight"):
-            parametrize.remove_parametrizations(layer, "weight", leave_parametrized=False)
+        if self._merges:  # only the parametrization this host put there (install refuses a parametrized weight)
+            parametrize.remove_parametrizations(self.layer, "weight", leave_parametrized=False)
+            self._merges = False
+
+
+class LayerHost(nn.Module):
+    """The thin host of one Linear or Conv2d outside attention: a :class:`MultiLoRA` joined to the layer's forward
+    by a :class:`HookedBranch`. It is a submodule of the layer while installed, so it follows the model's
+    ``.to(device)``."""
+
+    def __init__(self, site: LayerSite) -> None:
+        super().__init__()
+        layer = site.layer
+        self.site = site
+        conv = isinstance(layer, nn.Conv2d)
+        in_features = layer.in_channels if conv else layer.in_features
+        out_features = layer.out_channels if conv else layer.out_features
+        kernel = tuple(layer.kernel_size) if conv else None
+        self.branch = MultiLoRA(in_features, out_features, site.module_key, kernel)
+        self._hooked = HookedBranch(self.branch, layer)
+
+    def install(self) -> None:
+        self.uninstall()
+        self.site.layer.add_module(_HOST_ATTRIBUTE, self)
+        self._hooked.install()
+
+    def uninstall(self) -> None:
+        if _HOST_ATTRIBUTE in self.site.layer._modules:
+            self._hooked.uninstall()
+            delattr(self.site.layer, _HOST_ATTRIBUTE)

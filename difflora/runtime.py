@@ -21,6 +21,7 @@ generation or a fuse uses it.
 from __future__ import annotations
 
 import contextlib
+import math
 import logging
 import os
 from collections.abc import Iterator
@@ -30,7 +31,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .adapter import AdapterState, LoRAModuleWeights
+from .adapter import (
+    AdapterState,
+    FullModuleWeights,
+    LoHaModuleWeights,
+    LoKrModuleWeights,
+    LoRAModuleWeights,
+    ModuleWeights,
+)
 from .blocks import BlockWeights
 from .errors import AdapterFileError, AdapterShapeError, InvalidArgumentError
 from .formats import read_adapter, write_adapter
@@ -43,6 +51,7 @@ from .keys import (
     split_projection,
 )
 from .lora import INITIALISATIONS, LoRAFactors, adapter_weight, initial_factors
+from .lycoris import FullDiff, LoHaFactors, LoKrFactors, attach_magnitude
 from .multilora import MultiLoRA
 from .processors import (
     InstalledProcessors,
@@ -221,25 +230,47 @@ class LoRARuntime:
             f"{tuple(down.shape)}, up {tuple(up.shape)}), the model's is {shape}"
         )
 
-    def _build_factors(self, state: AdapterState, source: str) -> dict[str, LoRAFactors]:
-        """Frozen fp32 factors for every module of ``state``, each on the device of the layer it adapts, checked to
-        fit: raises before anything changes if a module has no place in this model or does not fit it."""
+    def _build_update(self, weights: ModuleWeights, module_key: str, source: str) -> nn.Module:
+        """The runtime update of one module of a state, fp32, frozen, on its layer's device, in its layer's shape:
+        LoRAFactors for LoRA/LoCon, LoHaFactors, LoKrFactors or FullDiff for LyCORIS' kinds, a DoRA magnitude
+        attached where the file has one."""
+        shape, device = self._place(module_key, source)
+
+        def moved(tensor: torch.Tensor | None) -> torch.Tensor | None:
+            return tensor.to(device=device, dtype=torch.float32) if tensor is not None else None
+
+        if weights.kind == "lora":
+            down, up, mid = self._fitted(weights, shape, module_key, source)
+            update = LoRAFactors.from_tensors(moved(down), moved(up), alpha=weights.alpha,
+                                              use_rslora=weights.use_rslora, mid=moved(mid))
+        else:
+            file_shape = weights.weight_shape
+            if file_shape[0] != shape[0] or math.prod(file_shape) != math.prod(shape):
+                raise AdapterShapeError(
+                    f"{source}: module {module_key!r} ({weights.kind}) changes a weight of shape {file_shape}, the "
+                    f"model's is {shape}"
+                )
+            tensors = {name: moved(tensor) for name, tensor in weights.tensors().items()}
+            if weights.kind == "loha":
+                update = LoHaFactors(shape, alpha=weights.alpha, **tensors)
+            elif weights.kind == "lokr":
+                update = LoKrFactors(shape, alpha=weights.alpha, **tensors)
+            else:
+                update = FullDiff(tensors["diff"].reshape(shape), tensors["diff_b"])
+        if weights.dora_scale is not None:
+            attach_magnitude(update, moved(weights.dora_scale), weights.wd_on_output)
+        update.requires_grad_(False)
+        return update
+
+    def _build_factors(self, state: AdapterState, source: str) -> dict[str, nn.Module]:
+        """The runtime updates of every module of ``state``, checked to fit: raises before anything changes if a
+        module has no place in this model or does not fit it."""
         built = {}
         for module_key, weights in state.modules.items():
             problem = weights.problem()
             if problem:
                 raise AdapterShapeError(f"{source}: module {module_key!r} {problem}")
-            shape, device = self._place(module_key, source)
-            down, up, mid = self._fitted(weights, shape, module_key, source)
-            factors = LoRAFactors.from_tensors(
-                down.to(device=device, dtype=torch.float32),
-                up.to(device=device, dtype=torch.float32),
-                alpha=weights.alpha,
-                use_rslora=weights.use_rslora,
-                mid=mid.to(device=device, dtype=torch.float32) if mid is not None else None,
-            )
-            factors.requires_grad_(False)
-            built[module_key] = factors
+            built[module_key] = self._build_update(weights, module_key, source)
         return built
 
     def add_adapter(
@@ -461,22 +492,18 @@ class LoRARuntime:
 
     # ----- reading adapters back ----------------------------------------------------------------------------------
     def parameters(self, name: str) -> list[nn.Parameter]:
-        """The trainable tensors of adapter ``name`` (every ``down`` and ``up``), in a fixed order."""
+        """The trainable tensors of adapter ``name`` in a fixed order: each LoRA's ``down`` and ``up`` (in that order,
+        which optimizer groups rely on), each other update's tensors."""
         self._info(name)
-        return [parameter for _, factors in self._factors_of(name) for parameter in (factors.down, factors.up)]
+        found = []
+        for _, update in self._factors_of(name):
+            found += [update.down, update.up] if isinstance(update, LoRAFactors) else list(update.factors())
+        return found
 
     def adapter_state(self, name: str) -> AdapterState:
         """Adapter ``name`` as data (fp32 copies on the CPU), ready for :func:`~difflora.formats.write_adapter`."""
         info = self._info(name)
-        modules = {
-            module_key: LoRAModuleWeights(
-                down=factors.down.detach().float().cpu().clone(),
-                up=factors.up.detach().float().cpu().clone(),
-                alpha=factors.alpha,
-                use_rslora=factors.use_rslora,
-            )
-            for module_key, factors in self._factors_of(name)
-        }
+        modules = {module_key: _as_module_weights(update) for module_key, update in self._factors_of(name)}
         return AdapterState(modules=modules, metadata=dict(info.metadata))
 
     def copy_into(self, name: str, state: AdapterState) -> None:
@@ -501,3 +528,21 @@ class LoRARuntime:
     def save(self, name: str, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:
         """Write adapter ``name`` to a ``.safetensors`` file that difflora and plain diffusers load."""
         return write_adapter(self.adapter_state(name), path, metadata)
+
+
+def _as_module_weights(update: nn.Module) -> ModuleWeights:
+    """A runtime update as data: fp32 copies on the CPU, its DoRA magnitude with it."""
+    def copied(tensor: torch.Tensor | None) -> torch.Tensor | None:
+        return tensor.detach().float().cpu().clone() if tensor is not None else None
+
+    dora = {"dora_scale": copied(getattr(update, "magnitude", None)),
+            "wd_on_output": getattr(update, "wd_on_output", True)}
+    if isinstance(update, LoRAFactors):
+        return LoRAModuleWeights(down=copied(update.down), up=copied(update.up), alpha=update.alpha,
+                                 use_rslora=update.use_rslora, mid=copied(update.mid), **dora)
+    tensors = {name: copied(tensor) for name, tensor in update.named_parameters(recurse=False) if name != "magnitude"}
+    if isinstance(update, LoHaFactors):
+        return LoHaModuleWeights(alpha=update.alpha, **tensors, **dora)
+    if isinstance(update, LoKrFactors):
+        return LoKrModuleWeights(alpha=update.alpha if update.rank else None, **tensors, **dora)
+    return FullModuleWeights(diff=tensors["diff"], diff_b=tensors.get("diff_b"), **dora)

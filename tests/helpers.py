@@ -10,10 +10,12 @@ from difflora.adapter import AdapterState
 def random_adapter(pipe, rank: int, alpha: float, seed: int, components=("unet", "text_encoder")) -> AdapterState:
     """An adapter with non-zero factors on every attention projection of ``components`` (a zero-initialised one
     would change nothing, and a test with it could not fail)."""
-    runtime = LoRARuntime(pipe)  # a scratch runtime: only used to enumerate and size the projections
-    runtime.create_adapter("scratch", rank=rank, alpha=alpha, components=components, init="random", seed=seed)
-    state = runtime.adapter_state("scratch")
-    runtime.remove_all()
+    # Drawn by the pipeline's own runtime, under a passing name (a second runtime on the same pipeline would fight the
+    # first over its attention blocks and hooks).
+    runtime = LoRARuntime.attach(pipe)
+    runtime.create_adapter("__scratch__", rank=rank, alpha=alpha, components=components, init="random", seed=seed)
+    state = runtime.adapter_state("__scratch__")
+    runtime.remove("__scratch__")
     return state
 
 

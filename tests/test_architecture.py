@@ -118,10 +118,10 @@ def test_no_import_cycles():
     assert not cycles, cycles
 
 
-@pytest.mark.parametrize("module", ["lora.py", "multilora.py"])
+@pytest.mark.parametrize("module", ["lora.py", "lycoris.py", "multilora.py"])
 def test_the_maths_knows_nothing_of_diffusers(module):
     source = (PACKAGE / module).read_text(encoding="utf-8")
     imports = [node for node in ast.walk(ast.parse(source)) if isinstance(node, (ast.Import, ast.ImportFrom))]
     roots = {(alias.name if isinstance(node, ast.Import) else node.module or "").split(".")[0]
              for node in imports for alias in node.names}
-    assert roots <= {"__future__", "math", "dataclasses", "torch", "errors", "lora", ""}, roots
+    assert roots <= {"__future__", "math", "dataclasses", "torch", "errors", "lora", "lycoris", ""}, roots

@@ -299,39 +299,57 @@ def test_a_kohya_locon_file_reads_every_layer_with_its_factors_and_alpha(tiny_pi
 
 RESNET = "lora_unet_down_blocks_0_resnets_0"
 # Modules as LyCORIS writes them for its other algorithms (the key suffixes of each module class's weight_list).
-LYCORIS_MODULES = {
-    "loha": {f"{RESNET}_conv1.{s}": torch.ones(2, 2) for s in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b",
-                                                              "hada_t1", "hada_t2", "alpha")},
-    "lokr": {f"{RESNET}_conv2.{s}": torch.ones(2, 2) for s in ("lokr_w1", "lokr_w2_a", "lokr_w2_b", "alpha")},
+LYCORIS_MODULES = {  # as LyCORIS' modules store them, on the tiny model's first resnet (32 channels, 3 × 3 convs)
+    "loha": {f"{RESNET}_conv1.hada_w1_a": torch.ones(32, 2), f"{RESNET}_conv1.hada_w1_b": torch.ones(2, 288),
+             f"{RESNET}_conv1.hada_w2_a": torch.ones(32, 2), f"{RESNET}_conv1.hada_w2_b": torch.ones(2, 288),
+             f"{RESNET}_conv1.alpha": torch.tensor(1.0)},
+    "lokr": {f"{RESNET}_conv2.lokr_w1": torch.ones(4, 4), f"{RESNET}_conv2.lokr_w2_a": torch.ones(8, 2),
+             f"{RESNET}_conv2.lokr_w2_b": torch.ones(2, 72), f"{RESNET}_conv2.alpha": torch.tensor(2.0)},
     "dora": {f"{RESNET}_time_emb_proj.lora_down.weight": torch.ones(2, 128),
              f"{RESNET}_time_emb_proj.lora_up.weight": torch.ones(32, 2),
              f"{RESNET}_time_emb_proj.alpha": torch.tensor(2.0),
              f"{RESNET}_time_emb_proj.dora_scale": torch.ones(32, 1)},
     "full": {"lora_unet_conv_out.diff": torch.ones(4, 32, 3, 3), "lora_unet_conv_out.diff_b": torch.ones(4)},
+}
+NOT_APPLIED = {
     "norm": {f"{RESNET}_norm1.w_norm": torch.ones(32), f"{RESNET}_norm1.b_norm": torch.ones(32)},
     "unknown-layer": {f"{RESNET}_conv9.lora_down.weight": torch.ones(2, 32), f"{RESNET}_conv9.lora_up.weight":
                       torch.ones(32, 2)},
+    "two-algorithms": {f"{RESNET}_conv2.lokr_w1": torch.ones(4, 4), f"{RESNET}_conv1.hada_w1_a": torch.ones(32, 2),
+                       "lora_unet_down_blocks_0_resnets_1_conv1.lokr_w1": torch.ones(2, 2),
+                       "lora_unet_down_blocks_0_resnets_1_conv1.hada_w1_a": torch.ones(2, 2)},
     "not-kohya": {"some_embedding.weight": torch.ones(3)},
 }
 APPLIED = {f"{RESNET}_conv_shortcut.lora_down.weight": torch.ones(2, 32, 1, 1),
            f"{RESNET}_conv_shortcut.lora_up.weight": torch.ones(64, 2, 1, 1)}
 
 
-def test_other_algorithms_and_unknown_names_are_skipped_key_by_key():
-    """LoHa, LoKr, DoRA, full and norm diffs are reported whole, every key of them (an alpha beside LoHa factors is
-    not a LoRA missing its factors; DoRA's factors without their magnitude would be another update), and so are
-    names of no layer and keys outside kohya's naming; the LoRA beside them is read."""
-    others = {key: tensor for module in LYCORIS_MODULES.values() for key, tensor in module.items()}
-    state = parse_state_dict({**APPLIED, **others}, {}, source="lycoris.safetensors")
-    assert set(state.modules) == {"unet.down_blocks.0.resnets.0.conv_shortcut"}
-    assert sorted(state.skipped) == sorted(others)
+def test_lycoris_algorithms_are_read_and_the_rest_skipped_key_by_key():
+    """LoHa, LoKr, DoRA and full diffs are read as their kinds (a DoRA's axis from its magnitude's shape); norm diffs,
+    names of no layer, a module mixing two algorithms and keys outside kohya's naming are reported whole, every key
+    of them, never applied in part."""
+    lycoris_keys = {key: tensor for module in LYCORIS_MODULES.values() for key, tensor in module.items()}
+    not_applied = {key: tensor for name, module in NOT_APPLIED.items() if name != "two-algorithms"
+                   for key, tensor in module.items()}
+    mixed = {key: t for key, t in NOT_APPLIED["two-algorithms"].items() if "resnets_1" in key}
+    state = parse_state_dict({**APPLIED, **lycoris_keys, **not_applied, **mixed}, {}, source="lycoris.safetensors")
+    block = "unet.down_blocks.0.resnets.0"
+    kinds = {key: (module.kind, module.dora_scale is not None) for key, module in state.modules.items()}
+    assert kinds == {f"{block}.conv_shortcut": ("lora", False), f"{block}.conv1": ("loha", False),
+                     f"{block}.conv2": ("lokr", False), f"{block}.time_emb_proj": ("lora", True),
+                     "unet.conv_out": ("full", False)}
+    assert state.modules[f"{block}.time_emb_proj"].wd_on_output
+    assert state.modules[f"{block}.conv2"].scale == 1.0  # LoKr: alpha counts where a side is factorised (w2: r 2)
+    assert sorted(state.skipped) == sorted([*not_applied, *mixed])
+    assert state.problem() is None
+    assert state.modules["unet.conv_out"].weight_shape == (4, 32, 3, 3)
 
 
 @pytest.mark.parametrize(
     "tensors, message",
     [
-        (LYCORIS_MODULES["loha"], f"holds no LoRA module difflora can apply (7 keys skipped, first: '{RESNET}_conv1."),
-        (LYCORIS_MODULES["unknown-layer"], f"(2 keys skipped, first: '{RESNET}_conv9.lora_down.weight')"),
+        (NOT_APPLIED["norm"], f"holds no module difflora can apply (2 keys skipped, first: '{RESNET}_norm1.w_norm')"),
+        (NOT_APPLIED["unknown-layer"], f"(2 keys skipped, first: '{RESNET}_conv9.lora_down.weight')"),
         ({**APPLIED, **{key.replace(RESNET, "lora_unet_input_blocks_1_0").replace("conv_shortcut", "skip_connection"):
                         t for key, t in APPLIED.items()}},
          f"module 'unet.down_blocks.0.resnets.0.conv_shortcut' is named twice ({RESNET}_conv_shortcut and "),
@@ -341,7 +359,7 @@ def test_other_algorithms_and_unknown_names_are_skipped_key_by_key():
         ({f"{RESNET}_conv1.lora_up.weight": torch.ones(32, 2, 1, 1), f"{RESNET}_conv1.alpha": torch.tensor(1.0)},
          "module 'unet.down_blocks.0.resnets.0.conv1' has no down factor"),
     ],
-    ids=["loha-only", "no-layer-only", "one-layer-twice", "tucker-with-kxk-down", "up-without-down"],
+    ids=["norm-only", "no-layer-only", "one-layer-twice", "tucker-with-kxk-down", "up-without-down"],
 )
 def test_files_with_nothing_to_apply_or_inconsistent_modules_are_refused(tensors, message):
     with pytest.raises(AdapterFileError) as error:
