@@ -135,7 +135,8 @@ def main() -> None:
     base = statistics.median(samples["base"])
     for name, times in samples.items():
         print(f"{name:28s} {statistics.median(times):8.4f} s  {statistics.median(times) / base:6.3f}× base")
-    print(f"loading 4 files: difflora {load_ours:.2f} s, diffusers {load_theirs:.2f} s ({load_ours / load_theirs:.2f}×)")
+    print(f"loading 4 files: difflora {load_ours:.2f} s, diffusers {load_theirs:.2f} s "
+          f"({load_ours / load_theirs:.2f}×)")
     print(f"fuse + unfuse: difflora {fuse_ours:.2f} s, diffusers {fuse_theirs:.2f} s "
           f"({fuse_ours / fuse_theirs:.2f}×)")
     print(f"setting 4 weights: difflora {weights_ours * 1e3:.2f} ms, diffusers {weights_theirs * 1e3:.2f} ms")
