@@ -1,5 +1,6 @@
 """What every command-line entry point shares: the parser whose usage errors are one line, the model options, quiet
-libraries (from ``_libraries``), and the one-line error exit (``difflora: error: …``, exit code 2).
+libraries (from ``_libraries``), and the one-line error exit (``difflora: error: …``, exit code 2) for bad input
+and for OS errors about a file.
 
 ``difflora`` (cli.py), ``difflora train`` / ``python -m difflora.train`` and ``difflora webui`` each build their
 parser here and run through :func:`run_main`; none of them imports another's module for it.
@@ -15,7 +16,10 @@ from collections.abc import Callable, Collection
 from ._libraries import quiet_libraries
 from .errors import DiffloraError
 
-__all__ = ["OneLineErrorParser", "add_model_options", "error_line", "option_strings", "quiet_libraries", "run_main"]
+__all__ = [
+    "OneLineErrorParser", "add_model_options", "error_line", "option_strings", "os_error_line", "quiet_libraries",
+    "run_main",
+]
 
 PROGRAM = "difflora"
 
@@ -76,13 +80,25 @@ def error_line(error: DiffloraError, flags: Collection[str] = ()) -> str:
     return f"{PROGRAM}: error: {_IDENTIFIER.sub(as_flag, message)}"
 
 
+def os_error_line(error: OSError) -> str:
+    """The one line a command prints for an OS error no check caught first: ``difflora: error: <file>: <reason>``
+    (a path the OS refuses, such as a name over 255 bytes, found by whatever looked at it)."""
+    reason = error.strerror or " ".join(str(error).split()) or type(error).__name__
+    files = [str(name) for name in (error.filename, error.filename2) if name is not None]
+    return f"{PROGRAM}: error: {' → '.join(files)}: {reason}" if files else f"{PROGRAM}: error: {reason}"
+
+
 def run_main(run: Callable[[], int], parser: argparse.ArgumentParser | None = None) -> int:
-    """Call ``run`` and return its exit code; bad input (a :class:`DiffloraError`) ends in one line and code 2,
-    Ctrl-C in code 130. ``parser`` gives the flags that library errors are translated to."""
+    """Call ``run`` and return its exit code; bad input (a :class:`DiffloraError`) ends in one line and code 2, and
+    so does an OS error about a file (:func:`os_error_line`); Ctrl-C ends in code 130. ``parser`` gives the flags that
+    library errors are translated to."""
     try:
         return run()
     except DiffloraError as error:
         print(error_line(error, option_strings(parser) if parser is not None else ()), file=sys.stderr)
+        return 2
+    except OSError as error:
+        print(os_error_line(error), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"{PROGRAM}: interrupted", file=sys.stderr)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .errors import DiffloraError, InvalidArgumentError
 
-__all__ = ["atomic_path", "atomic_directory", "check_output"]
+__all__ = ["FILE_SUFFIXES", "atomic_path", "atomic_directory", "check_output"]
 
 
 def _read_umask() -> int:
@@ -34,6 +34,13 @@ _DIRECTORY_MODE = 0o777 & ~_UMASK
 
 
 # ----- before any work ----------------------------------------------------------------------------------------------
+
+# Suffixes of files difflora or image tools write: a folder output named with one (convert --to peft --out
+# x.safetensors, merge --out m.png) is a mistake that would leave a folder where a tool expects a file.
+FILE_SUFFIXES = (
+    ".safetensors", ".gguf", ".onnx", ".json", ".yaml", ".yml", ".txt", ".png", ".jpg", ".jpeg", ".webp", ".gif",
+    ".bmp", ".tif", ".tiff", ".avif",
+)
 
 
 def _nearest_existing(path: Path) -> Path:
@@ -72,10 +79,11 @@ def check_output(
     there; else :class:`InvalidArgumentError` naming ``parameter`` and what is wrong, in one line.
 
     Refused: a name ending in one of ``pickle_suffixes`` (formats that run code when loaded; callers pass
-    ``keys.PICKLE_SUFFIXES``), a file whose name does not end in one of ``suffixes`` (when given), a folder where a
-    file is meant and a file where a folder is meant, an existing output when ``new`` (a folder: unless it is
-    empty), a path below a file, and a place where nothing can be created. Nothing is written: the writability probe
-    is removed at once and no folder is created.
+    ``keys.PICKLE_SUFFIXES``), a file whose name does not end in one of ``suffixes`` (when given), a folder whose name
+    ends in one of :data:`FILE_SUFFIXES`, a folder where a file is meant and a file where a folder is meant, an
+    existing output when ``new`` (a folder: unless it is empty), a path below a file, a name the OS refuses (too
+    long), and a place where nothing can be created. Nothing is written: the writability probe is removed at once
+    and no folder is created.
     """
     if kind not in ("file", "folder"):
         raise InvalidArgumentError(f"kind must be 'file' or 'folder', got {kind!r}", "kind")
@@ -86,9 +94,21 @@ def check_output(
     if suffix in pickle_suffixes:
         raise InvalidArgumentError(f"{where}: {suffix} is a pickle suffix and difflora writes no pickles; give "
                                    f"{wanted}", parameter)
+    if kind == "folder" and suffix in FILE_SUFFIXES:
+        raise InvalidArgumentError(f"{where}: {suffix} names a file, and this output is a folder; give a folder name "
+                                   "without it", parameter)
+    if kind == "file" and suffixes and suffix not in suffixes:
+        raise InvalidArgumentError(f"{where}: give {wanted}", parameter)
+    try:
+        _check_place(path, kind, new, where, parameter)
+    except OSError as error:  # a name the OS refuses outright (over 255 bytes, a loop of links)
+        raise InvalidArgumentError(f"{where}: {error.strerror or error}", parameter) from None
+    return path
+
+
+def _check_place(path: Path, kind: str, new: bool, where: str, parameter: str) -> None:
+    """The checks of :func:`check_output` that look at the file system (``where`` begins each message)."""
     if kind == "file":
-        if suffixes and suffix not in suffixes:
-            raise InvalidArgumentError(f"{where}: give {wanted}", parameter)
         if path.is_dir():
             raise InvalidArgumentError(f"{where}: is a folder; give a file path", parameter)
         if new and path.exists():
@@ -104,7 +124,6 @@ def check_output(
     reason = _writable_folder_error(start)
     if reason is not None:
         raise InvalidArgumentError(f"{where}: cannot create a file in {start} ({reason})", parameter)
-    return path
 
 
 # ----- writing ------------------------------------------------------------------------------------------------------

@@ -3,8 +3,9 @@
 Written as ``down=0.5,mid=1,up=0`` (a whole part), ``up.1=0.3`` (one block index; it wins over its part) and
 ``te=1`` / ``text_encoder=1`` (every text encoder), like AUTOMATIC1111's lora-block-weight extension.
 
-Every value is a finite number in [-100, 100]; a per-block name must be a block of the model it is used on
-(:meth:`BlockWeights.check_blocks`, with the blocks from :func:`unet_blocks`).
+Every value is a finite number in [-100, 100] and every block is named once; a per-block name must be a block of
+the model it is used on (:meth:`BlockWeights.check_blocks`, with the blocks from :func:`unet_blocks`), or without a
+model, one an SD or SDXL UNet has (:data:`SD_UNET_BLOCKS`).
 """
 
 from __future__ import annotations
@@ -13,14 +14,17 @@ import re
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 
-from .errors import InvalidArgumentError
+from .errors import InvalidArgumentError, number_in
 
-__all__ = ["MAX_BLOCK_WEIGHT", "BlockWeights", "block_of", "describe_blocks", "unet_blocks"]
+__all__ = ["MAX_BLOCK_WEIGHT", "SD_UNET_BLOCKS", "BlockWeights", "block_of", "describe_blocks", "unet_blocks"]
 
 # A block weight multiplies an adapter's weight (itself within ±100) in part of the model. Users write 0, 0.5, 1
 # and now and then 2 or -1; ±100 leaves every deliberate value in and keeps typos such as 1e38 or nan out. What a
 # weight × block weight does to a half-precision layer is checked on the model (MultiLoRA.check_range).
 MAX_BLOCK_WEIGHT = 100.0
+# The per-block names a Stable Diffusion UNet has: SD 1.x/2.x have four down and four up blocks, SDXL three of each.
+# Without a model (scaling a file), a name is checked against these; with one, against its own blocks.
+SD_UNET_BLOCKS = frozenset({*(f"down.{index}" for index in range(4)), *(f"up.{index}" for index in range(4))})
 _PER_BLOCK = re.compile(r"(down|up)\.\d+")
 
 _UNET_BLOCK = re.compile(r"^(down_blocks|up_blocks)\.(\d+)\.|^(mid_block)\.")
@@ -67,15 +71,7 @@ def describe_blocks(blocks: Collection[str]) -> str:
 
 def _block_weight(value, what: str) -> float:
     """``value`` as a block weight, or :class:`InvalidArgumentError` (``block_weights``) naming ``what``."""
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise InvalidArgumentError(f"{what} must be a number, got {value!r}", "block_weights") from None
-    if not -MAX_BLOCK_WEIGHT <= number <= MAX_BLOCK_WEIGHT:  # NaN fails every comparison
-        raise InvalidArgumentError(
-            f"{what} must be a finite number in [{-MAX_BLOCK_WEIGHT:g}, {MAX_BLOCK_WEIGHT:g}], got {number!r}",
-            "block_weights")
-    return number
+    return number_in(value, -MAX_BLOCK_WEIGHT, MAX_BLOCK_WEIGHT, what, "block_weights", convert=True)
 
 
 @dataclass(frozen=True)
@@ -102,11 +98,15 @@ class BlockWeights:
         """Refuse per-block names not in ``available`` (:func:`unet_blocks` of a model or an adapter; ``holder``
         says which), naming the blocks there are; :class:`InvalidArgumentError` (``block_weights``). Unchecked, a
         name that matches nothing would be silently ignored."""
-        unknown = sorted(set(self.per_block) - set(available))
+        unknown = self.blocks_outside(available)
         if unknown:
             raise InvalidArgumentError(
                 f"block_weights: {', '.join(unknown)}: {holder} has no such block (its blocks: "
                 f"{describe_blocks(available)})", "block_weights")
+
+    def blocks_outside(self, available: Collection[str]) -> list[str]:
+        """The per-block names not in ``available``, sorted."""
+        return sorted(set(self.per_block) - set(available))
 
     def factor(self, component: str, path: str) -> float:
         kind, index = block_of(component, path)
@@ -128,6 +128,7 @@ class BlockWeights:
         caller calls the text: a flag, a form field) and the bad item."""
         parts: dict[str, float] = {}
         per_block: dict[str, float] = {}
+        written: dict[str, str] = {}  # each block's canonical name → the item that set it
         for item in filter(None, (piece.strip() for piece in text.split(","))):
             key, separator, value_text = item.partition("=")
             key = key.strip().lower()
@@ -136,16 +137,20 @@ class BlockWeights:
                                            "block_weights")
             value = _block_weight(value_text.strip(), f"{option}: {key}")
             if key in ("te", "text", "text_encoder"):
-                parts["text_encoder"] = value
+                name, target = "text_encoder", parts
             elif key in ("down", "mid", "up"):
-                parts[key] = value
+                name, target = key, parts
             elif _PER_BLOCK.fullmatch(key):
                 kind, _, index = key.partition(".")
-                per_block[f"{kind}.{int(index)}"] = value  # up.01 is up.1, as block_of names it
+                name, target = f"{kind}.{int(index)}", per_block  # up.01 is up.1, as block_of names it
             else:
                 raise InvalidArgumentError(
                     f"{option}: unknown block {key!r}; use down, mid, up, down.N, up.N or te", "block_weights"
                 )
+            if name in written:  # the last one would win silently
+                raise InvalidArgumentError(f"{option}: {written[name]!r} and {item!r} both set block {name}; give "
+                                           "each block once", "block_weights")
+            written[name], target[name] = item, value
         return cls(**parts, per_block=per_block)
 
     def __str__(self) -> str:

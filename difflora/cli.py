@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ._entry import OneLineErrorParser, add_model_options, quiet_libraries, run_main
 from ._files import check_output
-from .errors import InvalidArgumentError
+from .errors import InvalidArgumentError, seed_number
 from .keys import PICKLE_SUFFIXES, adapter_name_from_path
 
 __all__ = ["main", "parse_lora_spec", "LoRASpec"]
@@ -26,11 +26,19 @@ class LoRASpec:
     weight: float = 1.0
 
 
+def _exists(path: Path) -> bool:
+    """Whether ``path`` exists; a name the OS refuses (over 255 bytes) does not, and reading it says why."""
+    try:
+        return path.exists()
+    except OSError:
+        return False
+
+
 def parse_lora_spec(text: str, option: str = "--lora") -> LoRASpec:
     """``FILE`` or ``FILE:WEIGHT`` (weight in [-100, 100], negative included). A path that exists as given wins."""
     from .lora import adapter_weight
 
-    if Path(text).exists() or ":" not in text:
+    if _exists(Path(text)) or ":" not in text:
         return LoRASpec(Path(text))
     path_text, _, weight_text = text.rpartition(":")
     return LoRASpec(Path(path_text), adapter_weight(weight_text, f"{option} {text}: weight", parameter=None))
@@ -43,24 +51,37 @@ def _output(path: str, kind: str = "file", *, suffixes: tuple[str, ...] = (".saf
                         new=new, parameter=parameter)
 
 
+def _adapter_names(specs: list[LoRASpec]) -> list[str]:
+    """The name each adapter gets in the runtime: its file's stem (as messages about it and the PNG's
+    ``<lora:name:weight>`` show it), with ``_N`` added where two files share a stem."""
+    names: list[str] = []
+    for index, spec in enumerate(specs):
+        stem = name = adapter_name_from_path(spec.path)
+        number = index
+        while name in names:
+            name, number = f"{stem}_{number}", number + 1
+        names.append(name)
+    return names
+
+
 def _cmd_init_model(args: argparse.Namespace) -> int:
     from .tiny_model import build_tiny_model
 
     output = _output(args.dir, "folder", new=True, parameter="dir")
-    if not 0 <= args.seed < 2**63:
-        raise InvalidArgumentError(f"seed must be an integer in [0, 2**63 - 1], got {args.seed}", "seed")
+    seed_number(args.seed)
     build_tiny_model(output, seed=args.seed)
     print(f"wrote the embedded tiny Stable Diffusion to {output}")
     return 0
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from .generate import AdapterUse, GenerationSettings, generate, save_png
+    from .generate import AdapterUse, GenerationSettings, generate, save_pngs
     from .pipelines import load_pipeline, resolve_device, resolve_dtype
     from .runtime import LoRARuntime
     from .blocks import BlockWeights
 
-    output = _output(args.out, suffixes=(".png",))
+    # One image goes to --out; several to stem-0.png, stem-1.png, … (checked once their number is known to be sound).
+    output = _output(args.out, suffixes=(".png",)) if args.num_images == 1 else None
     specs = [parse_lora_spec(text) for text in args.lora]
     block_weights = BlockWeights.parse(args.block_weights, "block_weights") if args.block_weights else None
     settings = GenerationSettings(
@@ -75,6 +96,11 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         num_images=args.num_images,
     )
     settings.validate()
+    image_paths = [output] if output else [
+        _output(str(Path(args.out).with_name(f"{Path(args.out).stem}-{index}{Path(args.out).suffix}")),
+                suffixes=(".png",))
+        for index in range(settings.num_images)
+    ]
     # Read every adapter before the model loads, so a bad file fails fast.
     from .formats import read_adapter
 
@@ -88,21 +114,15 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     settings.height = native_size if args.height is None else args.height
     runtime = LoRARuntime.attach(pipe)
     uses = []
-    for index, (spec, state) in enumerate(states):
-        name = adapter_name_from_path(spec.path)
-        if name in runtime.adapters:
-            name = f"{name}_{index}"
+    for name, (spec, state) in zip(_adapter_names(specs), states):
         runtime.add_adapter(name, state, spec.weight, block_weights, source=str(spec.path), strict=args.strict)
         uses.append(AdapterUse(name, spec.weight, str(spec.path), str(block_weights) if block_weights else None))
     if args.fuse and uses:
         runtime.fuse()
     images = generate(pipe, settings)  # refuses a mix the model's dtype cannot hold before the first step
-    written = []
-    for index, image in enumerate(images):
-        path = output if len(images) == 1 else output.with_name(f"{output.stem}-{index}{output.suffix}")
-        save_png(image, path, settings, model=str(args.model), scheduler=type(pipe.scheduler).__name__, adapters=uses)
-        written.append(str(path))
-    print("\n".join(written))
+    written = save_pngs(images, image_paths, settings, model=str(args.model),
+                        scheduler=type(pipe.scheduler).__name__, adapters=uses)
+    print("\n".join(str(path) for path in written))
     return 0
 
 
@@ -165,20 +185,37 @@ def _cmd_blend(args: argparse.Namespace) -> int:
     return 0
 
 
+def _of_input(path: str, call, *args, **kwargs):
+    """``call(*args, **kwargs)``, with a refusal of its ``state`` argument (a module it cannot take) told as one of
+    the file ``path``: the command line has no ``state``, it has the file."""
+    try:
+        return call(*args, **kwargs)
+    except InvalidArgumentError as error:
+        if error.parameter != "state":
+            raise
+        raise InvalidArgumentError(f"{path}: {str(error).removeprefix('state: ')}") from None
+
+
 def _cmd_scale(args: argparse.Namespace) -> int:
     from .blend import scale_adapter
-    from .blocks import BlockWeights, unet_blocks
+    from .blocks import SD_UNET_BLOCKS, BlockWeights, unet_blocks
     from .formats import read_adapter, write_adapter
     from .lora import adapter_weight
 
     output = _output(args.out)
     weight = adapter_weight(args.weight)
     block_weights = BlockWeights.parse(args.block_weights, "block_weights") if args.block_weights else None
+    if block_weights is not None:  # no model here: any block an SD or SDXL UNet has is a block name
+        block_weights.check_blocks(SD_UNET_BLOCKS, "an SD or SDXL UNet")
     adapter = read_adapter(args.input)
-    if block_weights is not None:  # no model here: a block none of the adapter's modules sits in is a typo
-        block_weights.check_blocks(unet_blocks(key.split(".", 1) for key in adapter.modules), "the adapter")
-    state = scale_adapter(adapter, weight, block_weights)
+    state = _of_input(args.input, scale_adapter, adapter, weight, block_weights)
     write_adapter(state, output, layout=args.format)
+    # A1111 presets name every block, those with no attention in SD 1.5 included: worth a word, not an error.
+    idle = block_weights.blocks_outside(unet_blocks(key.split(".", 1) for key in adapter.modules)) \
+        if block_weights is not None else []
+    if idle:
+        print(f"difflora: warning: --block-weights: no module of {args.input} is in {', '.join(idle)}, so their "
+              "weights change nothing", file=sys.stderr)
     print(args.out)
     return 0
 
@@ -188,7 +225,7 @@ def _cmd_resize(args: argparse.Namespace) -> int:
     from .formats import read_adapter, write_adapter
 
     output = _output(args.out)
-    result = resize_adapter(read_adapter(args.input), rank=args.rank, energy=args.energy)
+    result = _of_input(args.input, resize_adapter, read_adapter(args.input), rank=args.rank, energy=args.energy)
     write_adapter(result.state, output, layout=args.format)
     _report_errors(result.relative_errors)
     print(args.out)
@@ -212,8 +249,8 @@ def _cmd_merge(args: argparse.Namespace) -> int:
         args.model, device=device, dtype=resolve_dtype(args.dtype, device), model_config=args.model_config, quiet=True
     )
     runtime = LoRARuntime.attach(pipe)
-    for index, (spec, state) in enumerate(states):
-        runtime.add_adapter(f"lora{index}", state, spec.weight, source=str(spec.path))
+    for name, (spec, state) in zip(_adapter_names(specs), states):
+        runtime.add_adapter(name, state, spec.weight, source=str(spec.path))
     runtime.bake()
     if single_file:  # one original-layout checkpoint, as A1111 and ComfyUI load them
         from .single_file import save_single_file

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from .errors import DatasetError, InvalidArgumentError
+from .errors import DatasetError, InvalidArgumentError, number_in
 
 __all__ = [
     "IMAGE_SUFFIXES", "BucketBatchSampler", "CaptionedImages", "DataConfig", "DatasetIndex",
@@ -42,6 +42,22 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 CAPTION_SUFFIXES = (".txt", ".caption")  # the first one found wins
 METADATA_FILE = "metadata.jsonl"
 _REPEAT_FOLDER = re.compile(r"^([1-9][0-9]*)_.+$")
+
+# The ranges of the data's numbers: name → (low, high, the multiple an integer must be; None for a real number, 1
+# for any integer). Sizes in pixels are multiples of 8 (the VAE's factor). Resolution: 4096, as generate's
+# MAX_SIZE: past what SD 1.x/2.x/XL are used at, and a batch of it is more than a GPU holds. Bucket sides: a side up
+# to twice the largest resolution (the default longest side, resolution×2), a step at most the resolution it divides;
+# the buckets are every pair of sides, so an unbounded side is an endless scan. Caption dropout: a probability. Kept
+# tags: kohya's longest prompt is 225 tokens and a tag is at least one, so keeping more in place changes nothing.
+MAX_RESOLUTION = 4096
+DATA_RANGES = {
+    "bucket_step": (8, MAX_RESOLUTION, 8),
+    "resolution": (8, MAX_RESOLUTION, 8),
+    "min_bucket_side": (8, 2 * MAX_RESOLUTION, 8),
+    "max_bucket_side": (8, 2 * MAX_RESOLUTION, 8),
+    "caption_dropout": (0.0, 1.0, None),
+    "keep_tokens": (0, 225, 1),
+}
 
 
 @dataclass
@@ -91,25 +107,21 @@ class DataConfig:
         return shortest, longest
 
     def validate(self) -> None:
-        """Raise :class:`InvalidArgumentError` naming the first field whose value cannot be used."""
-        step = self.bucket_step
-        if not isinstance(step, int) or step <= 0 or step % 8:
-            raise InvalidArgumentError(f"bucket_step must be a positive multiple of 8, got {step!r}", "bucket_step")
-        if not isinstance(self.resolution, int) or self.resolution <= 0 or self.resolution % 8:
-            raise InvalidArgumentError(
-                f"resolution must be a positive multiple of 8, got {self.resolution!r}", "resolution")
-        if not 0.0 <= self.caption_dropout <= 1.0:
-            raise InvalidArgumentError(
-                f"caption_dropout must be in [0, 1], got {self.caption_dropout!r}", "caption_dropout")
-        if self.keep_tokens < 0:
-            raise InvalidArgumentError(f"keep_tokens must be >= 0, got {self.keep_tokens!r}", "keep_tokens")
+        """Raise :class:`InvalidArgumentError` naming the first field whose value cannot be used, with its range
+        (:data:`DATA_RANGES`)."""
+        for name, (low, high, multiple_of) in DATA_RANGES.items():
+            value = getattr(self, name)
+            if value is not None or name not in ("min_bucket_side", "max_bucket_side"):  # unset: from resolution
+                number_in(value, low, high, name, name, integer=multiple_of is not None,
+                          multiple_of=multiple_of if multiple_of != 1 else None)
         if not self.buckets:
             return
+        step = self.bucket_step
         if self.resolution % step:
             raise InvalidArgumentError(f"bucket_step {step} must divide resolution {self.resolution}", "bucket_step")
         shortest, longest = self.bucket_sides
         for name, side in (("min_bucket_side", shortest), ("max_bucket_side", longest)):
-            if side <= 0 or side % step:
+            if side % step:
                 raise InvalidArgumentError(f"{name} must be a positive multiple of bucket_step, got {side!r}", name)
         if shortest > self.resolution:
             raise InvalidArgumentError(f"min_bucket_side {shortest} must be at most resolution {self.resolution}",
@@ -226,7 +238,11 @@ def scan_dataset(config: DataConfig) -> DatasetIndex:
     is missing or holds no readable image, so a training run fails before it loads a model.
     """
     folder = config.data_dir
-    if not folder.is_dir():
+    try:
+        is_folder = folder.is_dir()
+    except OSError as error:  # a name the OS refuses outright (too long)
+        raise DatasetError(f"data folder {folder}: {error.strerror or error}") from None
+    if not is_folder:
         raise DatasetError(f"data folder {folder} does not exist or is not a folder")
     metadata_captions, skipped = _read_metadata(folder)
     candidates = sorted(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -11,22 +12,20 @@ import torch
 from PIL import Image, PngImagePlugin
 
 from ._files import atomic_path
-from .errors import InvalidArgumentError
+from .errors import InvalidArgumentError, number_in, seed_number
 from .runtime import LoRARuntime
 
-__all__ = ["GenerationSettings", "generate", "save_png", "a1111_parameters"]
+__all__ = ["GenerationSettings", "generate", "save_png", "save_pngs", "a1111_parameters"]
 
 
 # The ranges of the settings. Steps: schedulers are trained on 1000 timesteps, and several refuse more inference steps
 # than that. Guidance: images are made at 1–15; far beyond, classifier-free guidance only pushes pixels to saturate,
 # and 100 keeps every deliberate value. Sizes: 4096 px a side is past what SD 1.x/2.x/XL are used at (and than a GPU
-# holds for them); smaller than 8 px is no image. Images per call: a batch; more is a loop. Seeds: what
-# torch.Generator.manual_seed takes as a signed 64-bit number.
+# holds for them); smaller than 8 px is no image. Images per call: a batch; more is a loop. Seeds: errors.SEED_RANGE.
 MAX_STEPS = 1000
 MAX_GUIDANCE = 100.0
 MAX_SIZE = 4096
 MAX_IMAGES = 64
-SEED_LIMIT = 2**63
 
 
 @dataclass
@@ -50,24 +49,12 @@ class GenerationSettings:
         for name in ("prompt", "negative_prompt"):
             if not isinstance(getattr(self, name), str):
                 raise InvalidArgumentError(f"{name} must be text, got {getattr(self, name)!r}", name)
-        for name, high in (("steps", MAX_STEPS), ("num_images", MAX_IMAGES)):
-            value = getattr(self, name)
-            if not _is_integer(value) or not 1 <= value <= high:
-                raise InvalidArgumentError(f"{name} must be an integer in [1, {high}], got {value!r}", name)
+        number_in(self.steps, 1, MAX_STEPS, "steps", "steps", integer=True)
+        number_in(self.num_images, 1, MAX_IMAGES, "num_images", "num_images", integer=True)
         for name in ("width", "height"):
-            value = getattr(self, name)
-            if not _is_integer(value) or not 8 <= value <= MAX_SIZE or value % 8:
-                raise InvalidArgumentError(f"{name} must be a multiple of 8 in [8, {MAX_SIZE}], got {value!r}", name)
-        if not _is_integer(self.seed) or not 0 <= self.seed < SEED_LIMIT:
-            raise InvalidArgumentError(f"seed must be an integer in [0, 2**63 - 1], got {self.seed!r}", "seed")
-        guidance = self.guidance
-        if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not 0 <= guidance <= MAX_GUIDANCE:
-            raise InvalidArgumentError(
-                f"guidance must be a finite number in [0, {MAX_GUIDANCE:g}], got {guidance!r}", "guidance")
-
-
-def _is_integer(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+            number_in(getattr(self, name), 8, MAX_SIZE, name, name, integer=True, multiple_of=8)
+        seed_number(self.seed)
+        number_in(self.guidance, 0.0, MAX_GUIDANCE, "guidance", "guidance")
 
 
 @dataclass
@@ -132,17 +119,9 @@ def a1111_parameters(settings: GenerationSettings, model: str, scheduler: str, a
     return "\n".join(lines)
 
 
-def save_png(
-    image: Image.Image,
-    path: str | os.PathLike,
-    settings: GenerationSettings,
-    *,
-    model: str,
-    scheduler: str,
-    adapters: list[AdapterUse],
-) -> Path:
-    """Write ``image`` atomically as PNG with text chunks ``parameters`` (A1111 style) and ``difflora`` (JSON)."""
-    path = Path(path)
+def _png_info(settings: GenerationSettings, model: str, scheduler: str,
+              adapters: list[AdapterUse]) -> PngImagePlugin.PngInfo:
+    """The PNG text chunks ``parameters`` (A1111 style) and ``difflora`` (JSON)."""
     info = PngImagePlugin.PngInfo()
     info.add_text("parameters", a1111_parameters(settings, model, scheduler, adapters))
     info.add_text(
@@ -157,6 +136,39 @@ def save_png(
             sort_keys=True,
         ),
     )
-    with atomic_path(path) as temporary:
-        image.save(temporary, format="PNG", pnginfo=info)
-    return path
+    return info
+
+
+def save_png(
+    image: Image.Image,
+    path: str | os.PathLike,
+    settings: GenerationSettings,
+    *,
+    model: str,
+    scheduler: str,
+    adapters: list[AdapterUse],
+) -> Path:
+    """Write ``image`` atomically as PNG with text chunks ``parameters`` (A1111 style) and ``difflora`` (JSON)."""
+    return save_pngs([image], [path], settings, model=model, scheduler=scheduler, adapters=adapters)[0]
+
+
+def save_pngs(
+    images: list[Image.Image],
+    paths: list[str | os.PathLike],
+    settings: GenerationSettings,
+    *,
+    model: str,
+    scheduler: str,
+    adapters: list[AdapterUse],
+) -> list[Path]:
+    """Write each image to its path as :func:`save_png` does, all or none: every image is written beside its path
+    first, and only when all are written are they renamed into place (a full disk at the third image leaves the
+    first two unwritten)."""
+    if len(images) != len(paths):
+        raise InvalidArgumentError(f"paths must hold one path per image ({len(images)}), got {len(paths)}", "paths")
+    info = _png_info(settings, model, scheduler, adapters)
+    with contextlib.ExitStack() as staged:
+        for image, path in zip(images, paths):
+            temporary = staged.enter_context(atomic_path(path))
+            image.save(temporary, format="PNG", pnginfo=info)
+    return [Path(path) for path in paths]

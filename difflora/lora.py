@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import InvalidArgumentError
+from .errors import InvalidArgumentError, number_in
 
 __all__ = [
     "MAX_ADAPTER_WEIGHT",
@@ -54,15 +54,7 @@ MAX_ADAPTER_WEIGHT = 100.0
 def adapter_weight(value, what: str = "weight", parameter: str | None = "weight") -> float:
     """``value`` as an adapter's weight: a finite number in [-100, 100] (:data:`MAX_ADAPTER_WEIGHT`), or
     :class:`InvalidArgumentError` naming ``what`` (an option, a form field) and the range."""
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise InvalidArgumentError(f"{what} must be a number, got {value!r}", parameter) from None
-    if not -MAX_ADAPTER_WEIGHT <= number <= MAX_ADAPTER_WEIGHT:  # NaN fails every comparison
-        raise InvalidArgumentError(
-            f"{what} must be a finite number in [{-MAX_ADAPTER_WEIGHT:g}, {MAX_ADAPTER_WEIGHT:g}], got {number!r}",
-            parameter)
-    return number
+    return number_in(value, -MAX_ADAPTER_WEIGHT, MAX_ADAPTER_WEIGHT, what, parameter, convert=True)
 
 
 def lora_scale(rank: int, alpha: float, use_rslora: bool = False) -> float:

@@ -1,5 +1,7 @@
 """Blending, scaling and resizing adapters: exact where the maths allows, optimal where it does not."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from peft.utils import merge_utils
@@ -204,3 +206,111 @@ def test_bad_blends_are_refused(pipe):
         assert "--" not in str(error)
     # On the command line the parameter reads as its flag, as the message did before it named the parameter.
     assert error_line(cases[1][0], {"--rank", "--method"}).startswith("difflora: error: --rank is required by")
+
+
+# ----- results too large for float32 --------------------------------------------------------------------------------
+
+TO_Q = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+
+
+def huge_adapter(value: float = 1e37) -> AdapterState:
+    """A finite adapter (every command reads it) whose factors are near float32's limit: a weight of 100 or the
+    product of its factors passes 3.4e38."""
+    generator = torch.Generator().manual_seed(12)
+    down, up = torch.randn(2, 32, generator=generator), torch.randn(32, 2, generator=generator)
+    up[0, 0] = value
+    return AdapterState(modules={TO_Q: LoRAModuleWeights(down, up, alpha=2.0)})
+
+
+@pytest.mark.parametrize("method, what", [
+    ("concat", "its weighted up factor"), ("svd", "its weighted up factor"), ("ties", "its ties merge"),
+    ("dare", "its dare merge"),
+])
+def test_a_blend_too_large_for_float32_is_one_line_naming_the_module(method, what, capfd):
+    small = huge_adapter(1.0)
+    with pytest.raises(InvalidArgumentError) as caught:
+        blend([(small, 1.0), (huge_adapter(), 100.0)], method=method, rank=1)
+    assert caught.value.parameter == "adapters"
+    assert str(caught.value) == (
+        f"adapters: module {TO_Q!r}: {what} is too large for float32 (it holds NaN or inf); use smaller weights")
+    assert capfd.readouterr() == ("", "")  # refused before LAPACK saw it (MKL prints its own error on NaN)
+    blend([(small, 1.0), (huge_adapter(), 1.0)], method=method, rank=1)  # the same file at weight 1 blends
+
+
+def test_a_resize_too_large_for_float32_is_one_line_naming_the_module(capfd):
+    huge = huge_adapter(1e37)
+    huge.modules[TO_Q].down[0, 0] = 1e37  # each factor finite, their product past float32
+    with pytest.raises(InvalidArgumentError) as caught:
+        resize_adapter(huge, rank=1)
+    assert str(caught.value) == (
+        f"state: module {TO_Q!r}: the product of its factors is too large for float32 (it holds NaN or inf)")
+    assert capfd.readouterr().err == ""
+
+
+def test_an_svd_that_fails_is_one_line_naming_the_module(monkeypatch):
+    def fails(*args, **kwargs):
+        raise torch.linalg.LinAlgError("linalg.svd: The algorithm failed to converge because the input matrix is "
+                                       "ill-conditioned or has too many repeated singular values (error code: 3).")
+
+    monkeypatch.setattr(torch.linalg, "svd", fails)
+    for method in ("svd", "ties"):
+        with pytest.raises(InvalidArgumentError) as caught:
+            blend([(huge_adapter(1.0), 1.0)], method=method, rank=1)
+        assert str(caught.value) == f"adapters: module {TO_Q!r}: the SVD failed (linalg.svd: The algorithm failed to " \
+            "converge because the input matrix is ill-conditioned or has too many repeated singular values (error " \
+            "code: 3).)"
+
+
+def test_scale_multiplies_in_float32_keeps_the_dtype_and_knows_sd_blocks():
+    half = huge_adapter(1.0)
+    module = half.modules[TO_Q]
+    module.up, module.down = module.up.to(torch.bfloat16), module.down.to(torch.bfloat16)
+    scaled = scale_adapter(half, weight=0.3).modules[TO_Q]
+    assert scaled.up.dtype == torch.bfloat16  # the file stays as small as it was
+    # The float32 product rounded once (torch's half-precision kernels also compute in float32 on the CPU, so this
+    # holds for a plain bfloat16 product too: it pins the result, it cannot tell the two apart).
+    assert torch.equal(scaled.up, (module.up.float() * 0.3).to(torch.bfloat16))
+    assert scale_adapter(half, 1.0, BlockWeights.parse("down.3=0,up.0=0.5")).modules[TO_Q].up.equal(module.up)
+    with pytest.raises(InvalidArgumentError) as caught:
+        scale_adapter(half, 1.0, BlockWeights.parse("up.4=0"))
+    assert str(caught.value) == ("block_weights: up.4: an SD or SDXL UNet has no such block (its blocks: "
+                                 "down.0–down.3, up.0–up.3)")
+
+
+def lycoris_loha_file(folder: Path) -> Path:
+    """A LoHa module as LyCORIS writes it (``hada_w1_a`` … ``hada_w2_b`` and ``alpha`` under kohya's names)."""
+    from safetensors.torch import save_file
+
+    generator = torch.Generator().manual_seed(13)
+    prefix = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    tensors = {f"{prefix}.hada_w1_a": torch.randn(32, 2, generator=generator),
+               f"{prefix}.hada_w1_b": torch.randn(2, 32, generator=generator),
+               f"{prefix}.hada_w2_a": torch.randn(32, 2, generator=generator),
+               f"{prefix}.hada_w2_b": torch.randn(2, 32, generator=generator),
+               f"{prefix}.alpha": torch.tensor(2.0)}
+    path = folder / "loha.safetensors"
+    save_file(tensors, str(path),
+              metadata={"ss_network_module": "lycoris.kohya", "ss_network_args": '{"algo": "loha"}'})
+    return path
+
+
+def test_blend_scale_and_resize_refuse_updates_that_are_not_lora_naming_the_module(tmp_path, capsys):
+    from difflora.cli import main
+    from difflora.formats import read_adapter
+
+    path = lycoris_loha_file(tmp_path)
+    loha = read_adapter(path)
+    said = f"module {TO_Q!r} is a loha update; blend, scale and resize take LoRA factors only"
+    for call, message in [
+        (lambda: blend([(huge_adapter(1.0), 1.0), (loha, 1.0)]), f"adapters: adapter 2's {said}"),
+        (lambda: scale_adapter(loha, 0.5), f"state: {said}"),
+        (lambda: resize_adapter(loha, rank=1), f"state: {said}"),
+    ]:
+        with pytest.raises(InvalidArgumentError) as caught:
+            call()
+        assert str(caught.value) == message
+    out = str(tmp_path / "out.safetensors")
+    for argv in (["scale", str(path), "--weight", "0.5"], ["resize", str(path), "--rank", "1"]):
+        assert main([*argv, "--out", out]) == 2
+        assert capsys.readouterr().err == f"difflora: error: {path}: {said}\n"  # the command line names the file
+    assert sorted(tmp_path.iterdir()) == [path]

@@ -105,8 +105,9 @@ def bad_inputs(tiny_model_dir, adapter_file, tmp_path):
         ([*common, "--lora", str(truncated), "--out", "o.png"], "not a readable safetensors"),
         ([*common, "--lora", str(unknown), "--out", "o.png"], "no LoRA keys"),
         ([*common, "--lora", str(misfit), "--out", "o.png"], "(4, 31)"),
-        ([*common, "--steps", "0", "--out", "o.png"], "--steps must be an integer in [1, 1000], got 0"),
-        ([*common, "--width", "-64", "--out", "o.png"], "--width must be a multiple of 8 in [8, 4096], got -64"),
+        ([*common, "--steps", "0", "--out", "o.png"], "--steps must be a positive integer in [1, 1000], got 0"),
+        ([*common, "--width", "-64", "--out", "o.png"],
+         "--width must be a positive multiple of 8 in [8, 4096], got -64"),
         ([*common, "--out", "o.jpg"], "--out o.jpg: give a path ending in .png"),
         ([*common, "--block-weights", "sideways=1", "--out", "o.png"], "unknown block"),
         (["generate", "--model", str(tmp_path / "no-model"), "--prompt", "p", "--out", "o.png"], "no-model"),
@@ -165,7 +166,7 @@ def test_convert_strict_refuses_what_it_cannot_carry(adapter_file, tmp_path, cap
     from difflora.formats import read_adapter, to_kohya_state_dict
 
     tensors = to_kohya_state_dict(read_adapter(adapter_file))
-    tensors["lora_unet_mid_block_resnets_0_conv1.hada_w1_a"] = torch.ones(64, 4)  # LoHa: not applied yet
+    tensors["lora_unet_mid_block_resnets_0_norm1.diff"] = torch.ones(64)  # a norm's full diff: not applied
     save_file(tensors, str(tmp_path / "with-conv.safetensors"))
     out = tmp_path / "out.safetensors"
     with_conv = str(tmp_path / "with-conv.safetensors")
@@ -231,17 +232,17 @@ def test_generate_lists_or_refuses_keys_it_cannot_apply(tiny_model_dir, adapter_
     from difflora.formats import read_adapter, to_kohya_state_dict
 
     tensors = to_kohya_state_dict(read_adapter(adapter_file))
-    tensors["lora_unet_mid_block_resnets_0_conv1.hada_w1_a"] = torch.ones(64, 4)  # LoHa: not applied yet
+    tensors["lora_unet_mid_block_resnets_0_norm1.diff"] = torch.ones(64)  # a norm's full diff: not applied
     conv = tmp_path / "conv.safetensors"
     save_file(tensors, str(conv))
     common = ["generate", "--model", str(tiny_model_dir), "--lora", str(conv), "--prompt", "p", "--steps", "1"]
     assert main([*common, "--strict", "--out", str(tmp_path / "strict.png")]) == 2
-    expected = "refused (strict): 1 key difflora cannot apply: lora_unet_mid_block_resnets_0_conv1.hada_w1_a"
+    expected = "refused (strict): 1 key difflora cannot apply: lora_unet_mid_block_resnets_0_norm1.diff"
     assert expected in capsys.readouterr().err
     assert not (tmp_path / "strict.png").exists()
     assert main([*common, "--out", str(tmp_path / "ok.png")]) == 0
     # a warning on stderr outside pytest
-    assert "not loaded: 1 key difflora cannot apply: lora_unet_mid_block_resnets_0_conv1" in caplog.text
+    assert "not loaded: 1 key difflora cannot apply: lora_unet_mid_block_resnets_0_norm1" in caplog.text
 
 
 def test_corrupted_or_mismatched_inputs_write_nothing(adapter_file, tmp_path, capsys):
@@ -259,7 +260,7 @@ def test_corrupted_or_mismatched_inputs_write_nothing(adapter_file, tmp_path, ca
         (["resize", str(adapter_file), "--rank", "0"], "--rank must be a positive integer"),
     ]
     for index, (argv, message) in enumerate(cases):
-        out = tmp_path / f"out{index}.safetensors"
+        out = tmp_path / (f"out{index}" if "peft" in argv else f"out{index}.safetensors")
         assert main([*argv, "--out", str(out)]) == 2, argv
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and message in err, (argv, err)

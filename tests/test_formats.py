@@ -352,14 +352,13 @@ def test_kohya_file_with_alpha_not_rank_equals_merged_weights(pipe, tiny_model_d
     tensors = to_kohya_state_dict(state)
     assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_out_0.alpha" in tensors
     assert "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight" in tensors
-    # What LyCORIS also writes and difflora cannot apply yet must be reported, not dropped: a LoHa module (its alpha
-    # too), a DoRA module (its LoRA factors too: without the magnitude they are another update), an unknown layer.
+    # What difflora cannot apply must be reported, not dropped: a norm diff (its alpha too), a module mixing two
+    # algorithms, an unknown layer.
     cannot = {
-        "lora_unet_mid_block_attentions_0_proj_in.hada_w1_a": torch.ones(4, 64),
-        "lora_unet_mid_block_attentions_0_proj_in.alpha": torch.tensor(4.0),
+        "lora_unet_mid_block_attentions_0_norm.w_norm": torch.ones(64),
+        "lora_unet_mid_block_attentions_0_norm.alpha": torch.tensor(4.0),
         "lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight": torch.ones(4, 32, 3, 3),
-        "lora_unet_down_blocks_0_resnets_0_conv1.lora_up.weight": torch.ones(32, 4, 1, 1),
-        "lora_unet_down_blocks_0_resnets_0_conv1.dora_scale": torch.ones(32, 1, 1, 1),
+        "lora_unet_down_blocks_0_resnets_0_conv1.hada_w1_a": torch.ones(32, 4),
         "lora_unet_down_blocks_0_resnets_0_shortcut.lora_down.weight": torch.ones(4, 32, 1, 1),
     }
     tensors.update(cannot)
@@ -475,10 +474,10 @@ def test_kohya_sdxl_keys_map_to_diffusers_modules():
         tensors[f"{name}.lora_down.weight"] = torch.ones(4, 8)
         tensors[f"{name}.lora_up.weight"] = torch.ones(8, 4)
         tensors[f"{name}.alpha"] = torch.tensor(2.0)
-    tensors["lora_unet_input_blocks_4_0_in_layers_2.lokr_w1"] = torch.ones(4, 8)  # LoKr on a resnet conv
+    tensors["lora_unet_input_blocks_4_0_in_layers_0.w_norm"] = torch.ones(8)  # a norm diff on a resnet's GroupNorm
     state = formats.parse_state_dict(tensors, {}, source="sdxl.safetensors")
     assert set(state.modules) == set(cases.values())
-    assert state.skipped == ["lora_unet_input_blocks_4_0_in_layers_2.lokr_w1"]
+    assert state.skipped == ["lora_unet_input_blocks_4_0_in_layers_0.w_norm"]
     assert all(module.alpha == 2.0 for module in state.modules.values())
 
 
@@ -489,3 +488,45 @@ def test_a_negative_alpha_is_read_as_written():
     state = formats.parse_state_dict(tensors, {}, source="negative.safetensors")
     (module,) = state.modules.values()
     assert module.alpha == -4.0 and module.scale == -2.0
+
+
+# ----- use_rslora as exporters write it -----------------------------------------------------------------------------
+
+RSLORA_KEY = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+
+
+def rslora_sources(tmp_path, written) -> list:
+    """The same rank-4, alpha-8 module as a diffusers file (``lora_adapter_metadata``) and a PEFT folder
+    (``adapter_config.json``), each with ``use_rslora`` written as ``written``."""
+    generator = torch.Generator().manual_seed(4)
+    down, up = torch.randn(4, 32, generator=generator), torch.randn(32, 4, generator=generator)
+    config = {"r": 4, "lora_alpha": 8, "target_modules": ["to_q"], "use_rslora": written}
+    file = tmp_path / "diffusers.safetensors"
+    header = json.dumps({f"unet.{option}": value for option, value in config.items()})
+    save_file({f"{RSLORA_KEY}.lora_A.weight": down, f"{RSLORA_KEY}.lora_B.weight": up}, str(file),
+              metadata={"format": "pt", "lora_adapter_metadata": header})
+    folder = tmp_path / "peft"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", **config}))
+    path = RSLORA_KEY.removeprefix("unet.")
+    save_file({f"base_model.model.{path}.lora_A.weight": down, f"base_model.model.{path}.lora_B.weight": up},
+              str(folder / "adapter_model.safetensors"))
+    return [file, folder]
+
+
+@pytest.mark.parametrize("written, use_rslora", [
+    (True, True), (False, False), ("false", False), ("False", False), ("TRUE", True), ("true", True),
+])
+def test_use_rslora_is_read_as_the_exporter_meant_it(written, use_rslora, tmp_path):
+    for source in rslora_sources(tmp_path, written):
+        module = read_adapter(source).modules[RSLORA_KEY]
+        assert module.use_rslora is use_rslora, source
+        assert module.scale == (8 / 2 if use_rslora else 8 / 4)  # alpha/√rank or alpha/rank
+
+
+@pytest.mark.parametrize("written", ["no", "0", 1, None, ["true"]])
+def test_a_use_rslora_that_is_not_true_or_false_is_refused_naming_the_file(written, tmp_path):
+    for source in rslora_sources(tmp_path, written):
+        with pytest.raises(AdapterFileError) as caught:
+            read_adapter(source)
+        assert str(caught.value) == f"{source}: LoraConfig use_rslora is {written!r}, expected true or false"

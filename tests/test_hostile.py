@@ -2,8 +2,9 @@
 code 2, no traceback, nothing written and nothing changed; and the web UI's session says the same line.
 
 Each kind of file is made the way such a file comes about (a download cut short, a header edited by hand, a pickle
-renamed, a training run that diverged, a quantised export), as raw bytes where safetensors itself would refuse to
-write it. The matrix is command × kind, generated, one assertion per cell; the files are built once per module.
+renamed, a training run that diverged, a quantised export, an empty state dict saved), as raw bytes where
+safetensors itself would refuse to write it. The matrix is command × kind, generated, one assertion per cell; the
+files are built once per module.
 Commands that load a model must refuse a bad file before loading it: the model loader raises in every cell but
 those whose file only the model can refuse (a factor that does not fit its layer).
 """
@@ -217,8 +218,17 @@ def peft_config(**changed) -> str:
 
 PEFT_CONFIG = peft_config()
 
+def zero_tensors(folder: Path) -> Path:
+    """A sound safetensors file holding no tensors, as ``save_file`` writes it for an empty state dict (a training
+    script that saved before adding its adapter, an export filtered down to nothing)."""
+    path = folder / "zero-tensors.safetensors"
+    save_file({}, str(path), metadata=DIFFUSERS_HEADER)
+    return path
+
+
 KINDS = {
     "empty": lambda folder: raw_file(folder, "empty.safetensors", b""),
+    "zero-tensors": zero_tensors,
     "truncated-header": truncated_header,
     "truncated-data": truncated_data,
     "huge-header-length": huge_header_length,
@@ -275,6 +285,8 @@ COMMANDS = {
     "convert --to peft": ("convert {file} --to peft --out {out}", "out-peft/"),
     "blend concat": ("blend {good} {file} --out {out}", "blend.safetensors"),
     "blend svd": ("blend {good} {file} --method svd --rank 1 --out {out}", "blend.safetensors"),
+    "blend ties": ("blend {good} {file} --method ties --rank 1 --out {out}", "blend.safetensors"),
+    "blend dare": ("blend {good} {file} --method dare --rank 1 --out {out}", "blend.safetensors"),
     "scale": ("scale {file} --weight 0.5 --out {out}", "scaled.safetensors"),
     "resize": ("resize {file} --rank 1 --out {out}", "resized.safetensors"),
     "generate": ("generate --model {model} --lora {file} --prompt castle --steps 1 --out {out}", "image.png"),

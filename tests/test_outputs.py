@@ -1,6 +1,7 @@
 """Outputs: every command that writes checks its output path before any work (one line, exit 2, nothing written, an
-existing output unchanged); a write that fails at the OS level is one line naming the path; what is published has the
-usual modes."""
+existing output unchanged), every image path of a batch included; a path the OS refuses is one line wherever it is
+met; a write that fails at the OS level is one line naming the path, and several images are written all or none;
+difflora never writes an adapter that reading would refuse (NaN or inf); what is published has the usual modes."""
 
 import errno
 import os
@@ -9,13 +10,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 import difflora.formats as formats
+import difflora.pipelines
+from difflora._entry import run_main
 from difflora._files import atomic_directory, atomic_path, check_output
 from difflora.adapter import AdapterState, LoRAModuleWeights
 from difflora.cli import main
-from difflora.errors import DiffloraError, InvalidArgumentError
-from difflora.formats import write_adapter
+from difflora.errors import AdapterFileError, DiffloraError, InvalidArgumentError
+from difflora.formats import read_adapter, write_adapter, write_peft_folder
+from difflora.generate import GenerationSettings, save_pngs
 
 UNET_KEY = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
 TEXT_KEY = "text_encoder.encoder.layers.0.self_attn.q_proj"
@@ -63,6 +68,13 @@ BAD_OUTPUTS = [
     (["merge", "--model", "no-model", "--lora", MISSING, "--out", "plain"], "--out plain: is a file; give a folder"),
     (["merge", "--model", "no-model", "--lora", MISSING, "--out", "full"],
      "--out full: exists and is not empty; give a new folder"),
+    # A folder named like a file: a tool given that name expects a file.
+    (["convert", MISSING, "--to", "peft", "--out", "x.safetensors"],
+     "--out x.safetensors: .safetensors names a file, and this output is a folder; give a folder name without it"),
+    (["merge", "--model", "no-model", "--lora", MISSING, "--out", "m.png"],
+     "--out m.png: .png names a file, and this output is a folder; give a folder name without it"),
+    (["init-model", "tiny.json"],
+     "dir tiny.json: .json names a file, and this output is a folder; give a folder name without it"),
     (["init-model", "plain"], "dir plain: is a file; give a folder"),
     (["init-model", "G.safetensors/tiny"], "dir G.safetensors/tiny: G.safetensors is a file, not a folder"),
     (["train", "--data", "missing-data", "--model", "no-model", "--output", "plain"],
@@ -109,6 +121,119 @@ def test_check_output_names_its_parameter_and_creates_nothing(tmp_path):
         check_output(tmp_path / "out.png", suffixes=(".safetensors",), parameter="path")
     assert caught.value.parameter == "path"
     assert str(caught.value) == f"path {tmp_path / 'out.png'}: give a path ending in .safetensors"
+
+
+def no_model_load(*args, **kwargs):
+    raise AssertionError("the model was loaded before the outputs were checked")
+
+
+def test_every_image_of_a_batch_has_its_path_checked_before_the_model_loads(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(difflora.pipelines, "load_pipeline", no_model_load)
+    (tmp_path / "castle-1.png").mkdir()  # the second of castle-0.png, castle-1.png, castle-2.png
+    (tmp_path / "castle.png").mkdir()  # not written when there are several images: no reason to refuse it
+    before = snapshot(tmp_path)
+    assert main(["generate", "--prompt", "p", "--num-images", "3", "--out", "castle.png"]) == 2
+    assert capsys.readouterr().err == "difflora: error: --out castle-1.png: is a folder; give a file path\n"
+    assert snapshot(tmp_path) == before
+
+
+def test_several_images_are_written_all_or_none(tmp_path, monkeypatch):
+    paths = [tmp_path / f"castle-{index}.png" for index in range(3)]
+    paths[2].write_bytes(b"an image from an earlier run")
+    save = Image.Image.save
+    saved = []
+
+    def full_disk_at_the_second_image(image, target, *args, **kwargs):
+        saved.append(target)
+        if len(saved) == 2:
+            Path(target).write_bytes(b"part of a PNG")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return save(image, target, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "save", full_disk_at_the_second_image)
+    images = [Image.new("RGB", (8, 8), (index * 60, 0, 0)) for index in range(3)]
+    settings = GenerationSettings("p", width=8, height=8, num_images=3)
+    with pytest.raises(DiffloraError) as caught:
+        save_pngs(images, paths, settings, model="m", scheduler="s", adapters=[])
+    assert str(caught.value) == f"{paths[1]}: could not be written (No space left on device); nothing was written"
+    assert sorted(tmp_path.iterdir()) == [paths[2]] and paths[2].read_bytes() == b"an image from an earlier run"
+    monkeypatch.setattr(Image.Image, "save", save)
+    assert save_pngs(images, paths, settings, model="m", scheduler="s", adapters=[]) == paths
+    assert [Image.open(path).getpixel((0, 0)) for path in paths] == [(0, 0, 0), (60, 0, 0), (120, 0, 0)]
+
+
+# ----- paths the OS refuses -----------------------------------------------------------------------------------------
+
+LONG = "a" * 300  # one name past the 255 bytes of ext4, btrfs, xfs, APFS and NTFS
+TOO_LONG = os.strerror(errno.ENAMETOOLONG)
+
+
+@pytest.mark.parametrize("argv, line", [
+    (["generate", "--prompt", "p", "--out", f"{LONG}.png"], f"--out {LONG}.png: {TOO_LONG}"),
+    (["convert", "in.safetensors", "--to", "kohya", "--out", f"{LONG}.safetensors"],
+     f"--out {LONG}.safetensors: {TOO_LONG}"),
+    (["convert", "in.safetensors", "--to", "peft", "--out", f"{LONG}/peft"], f"--out {LONG}/peft: {TOO_LONG}"),
+    (["inspect", f"{LONG}.safetensors"], f"{LONG}.safetensors: {TOO_LONG}"),
+    (["generate", "--prompt", "p", "--lora", f"{LONG}.safetensors:0.5", "--out", "o.png"],
+     f"{LONG}.safetensors: {TOO_LONG}"),
+    (["train", "--data", LONG, "--output", "run"], f"data folder {LONG}: {TOO_LONG}"),
+    (["train", "--data", "data", "--model", LONG, "--output", "run", "--report-to", "none"], f"{LONG}: {TOO_LONG}"),
+], ids=["generate --out", "convert --out", "convert --to peft --out", "inspect", "generate --lora", "train --data",
+        "train --model"])
+def test_a_name_the_os_refuses_is_one_line_wherever_it_is_met(argv, line, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    write_adapter(small_adapter(), tmp_path / "in.safetensors")
+    (tmp_path / "data").mkdir()
+    Image.new("RGB", (64, 64), (200, 40, 40)).save(tmp_path / "data" / "red.png")
+    before = snapshot(tmp_path)
+    assert main(argv) == 2
+    assert capsys.readouterr().err == f"difflora: error: {line}\n"
+    assert snapshot(tmp_path) == before  # train: the model is loaded before config.yaml is written
+
+
+def test_any_os_error_that_reaches_a_command_is_one_line(capsys):
+    def denied():
+        raise PermissionError(errno.EACCES, "Permission denied", "/srv/models/unet")
+
+    def moved():
+        raise OSError(errno.EXDEV, "Invalid cross-device link", "a.safetensors", None, "/mnt/b.safetensors")
+
+    assert run_main(denied) == 2 and run_main(moved) == 2
+    assert capsys.readouterr().err == (
+        "difflora: error: /srv/models/unet: Permission denied\n"
+        "difflora: error: a.safetensors → /mnt/b.safetensors: Invalid cross-device link\n")
+
+
+# ----- what is written is what reading accepts ----------------------------------------------------------------------
+
+
+def test_an_adapter_that_reading_would_refuse_is_never_written(tmp_path):
+    state = small_adapter()
+    state.modules[TEXT_KEY].up[3, 1] = float("inf")
+    for write, target in ((write_adapter, tmp_path / "out.safetensors"), (write_peft_folder, tmp_path / "peft")):
+        with pytest.raises(AdapterFileError) as caught:
+            write(state, target)
+        assert str(caught.value) == f"{target}: not written: the adapter's module {TEXT_KEY!r} holds NaN or inf values"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_scaling_past_what_the_factors_dtype_holds_writes_nothing(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    state = small_adapter()
+    for module in state.modules.values():
+        module.up, module.down = module.up.half(), module.down.half()
+    state.modules[UNET_KEY].up[0, 0] = 60000.0  # fits float16 (65504); twice it does not
+    write_adapter(state, tmp_path / "half.safetensors")
+    (tmp_path / "out.safetensors").write_bytes(b"an earlier output")
+    before = snapshot(tmp_path)
+    assert main(["scale", "half.safetensors", "--weight", "2", "--out", "out.safetensors"]) == 2
+    assert capsys.readouterr().err == (
+        f"difflora: error: out.safetensors: not written: the adapter's module {UNET_KEY!r} holds NaN or inf values\n")
+    assert snapshot(tmp_path) == before
+    assert main(["scale", "half.safetensors", "--weight", "1.05", "--out", "out.safetensors"]) == 0
+    scaled = read_adapter(tmp_path / "out.safetensors").modules[UNET_KEY].up
+    assert scaled.dtype == torch.float16 and float(scaled[0, 0]) == float(torch.tensor(63000.0).half())
 
 
 # ----- failures while writing ---------------------------------------------------------------------------------------

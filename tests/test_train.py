@@ -181,7 +181,8 @@ def test_config_file_flags_and_errors(tmp_path):
     for argv, parameter, message in [
         (["--data", "x", "--rank", "0"], "rank", "rank must be a positive integer"),
         (["--data", "x", "--resolution", "60"], "resolution", "resolution must be a positive multiple of 8"),
-        (["--data", "x", "--caption-dropout", "1.5"], "caption_dropout", r"caption_dropout must be in \[0, 1\]"),
+        (["--data", "x", "--caption-dropout", "1.5"], "caption_dropout",
+         r"caption_dropout must be a finite number in \[0, 1\]"),
         (["--steps", "3"], "data", "data is required"),
     ]:
         with pytest.raises(InvalidArgumentError, match=f"^{message}") as caught:

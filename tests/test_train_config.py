@@ -3,6 +3,7 @@ in YAML files and in what a run writes; errors name the parameter, and the comma
 
 import dataclasses
 import math
+import os
 import subprocess
 import sys
 
@@ -128,8 +129,20 @@ def test_errors_name_the_parameter(options, parameter):
     ({"noise_offset": -0.1}, "noise_offset must be a finite number in [0, 1], got -0.1"),
     ({"weight_decay": math.inf}, "weight_decay must be a finite number in [0, 1], got inf"),
     ({"max_grad_norm": math.nan}, "max_grad_norm must be a finite number in [0, 1e+06], got nan"),
-    ({"caption_dropout": math.nan}, "caption_dropout must be in [0, 1], got nan"),
-    ({"checkpoints_total_limit": -1}, "checkpoints_total_limit must be >= 0, got -1"),
+    ({"caption_dropout": math.nan}, "caption_dropout must be a finite number in [0, 1], got nan"),
+    ({"checkpoints_total_limit": -1}, "checkpoints_total_limit must be an integer in [0, 1000000000], got -1"),
+    # Numbers with no upper bound once loaded the model and died allocating (rank), or ran past generate's limit.
+    ({"rank": 10**12}, f"rank must be a positive integer in [1, 1280], got {10**12}"),
+    ({"batch_size": 10**6}, "batch_size must be a positive integer in [1, 256], got 1000000"),
+    ({"gradient_accumulation": 10**6}, "gradient_accumulation must be a positive integer in [1, 1000], got 1000000"),
+    ({"validation_inference_steps": 2000},
+     "validation_inference_steps must be a positive integer in [1, 1000], got 2000"),
+    ({"dataloader_workers": 10**4}, "dataloader_workers must be an integer in [0, 64], got 10000"),
+    ({"resolution": 8192}, "resolution must be a positive multiple of 8 in [8, 4096], got 8192"),
+    ({"bucket_step": 8192}, "bucket_step must be a positive multiple of 8 in [8, 4096], got 8192"),
+    ({"max_bucket_side": 10**9}, "max_bucket_side must be a positive multiple of 8 in [8, 8192], got 1000000000"),
+    ({"min_bucket_side": 16384}, "min_bucket_side must be a positive multiple of 8 in [8, 8192], got 16384"),
+    ({"keep_tokens": 226}, "keep_tokens must be an integer in [0, 225], got 226"),
     ({"seed": -1}, "seed must be an integer in [0, 2**63 - 1], got -1"),
     ({"validation_seed": 2**63}, f"validation_seed must be an integer in [0, 2**63 - 1], got {2**63}"),
 ])
@@ -138,13 +151,15 @@ def test_numbers_are_finite_and_in_range(options, message):
         make_config({"data": "images", **options})
     assert str(caught.value) == message and caught.value.parameter == next(iter(options))
     make_config({"data": "images", "lr": 1.0, "noise_offset": 0.0, "weight_decay": 1.0, "max_grad_norm": 0.0,
-                 "seed": 2**63 - 1, "checkpoints_total_limit": 0})
+                 "seed": 2**63 - 1, "checkpoints_total_limit": 0, "rank": 1280, "batch_size": 256,
+                 "validation_inference_steps": 1000, "resolution": 4096, "max_bucket_side": 8192, "keep_tokens": 225})
 
 
 def test_the_command_line_says_the_flag(tmp_path):
     for argv, line in [
-        (["--rank", "0"], "difflora: error: --rank must be a positive integer, got 0"),
-        (["--bucket-step", "12"], "difflora: error: --bucket-step must be a positive multiple of 8, got 12"),
+        (["--rank", "0"], "difflora: error: --rank must be a positive integer in [1, 1280], got 0"),
+        (["--bucket-step", "12"],
+         "difflora: error: --bucket-step must be a positive multiple of 8 in [8, 4096], got 12"),
         (["--steps", "none"], "difflora: error: --steps must be given when epochs is not"),
         (["--noise-offset", "nan"], "difflora: error: --noise-offset must be a finite number in [0, 1], got nan"),
     ]:
@@ -162,3 +177,67 @@ def test_help_lists_every_option():
                  "--center-crop, --no-center-crop", "--dataloader-workers", "--validation-prompt"):
         assert flag in text, flag
     assert "--dataset" not in text and "--data-dir" not in text
+
+
+def test_a_number_out_of_range_is_refused_before_anything_loads_or_is_written(tmp_path, monkeypatch, capsys):
+    from PIL import Image
+
+    import difflora.pipelines
+    from difflora.cli import main
+
+    def no_model_load(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(difflora.pipelines, "load_pipeline", no_model_load)
+    (tmp_path / "data").mkdir()
+    Image.new("RGB", (64, 64), (200, 40, 40)).save(tmp_path / "data" / "red.png")
+    argv = ["train", "--data", str(tmp_path / "data"), "--output", str(tmp_path / "run"), "--report-to", "none"]
+    assert main([*argv, "--rank", "1000000000000"]) == 2
+    assert capsys.readouterr().err == (
+        "difflora: error: --rank must be a positive integer in [1, 1280], got 1000000000000\n")
+    assert not (tmp_path / "run").exists()  # no config.yaml left behind
+
+
+# ----- YAML files ---------------------------------------------------------------------------------------------------
+
+
+def test_numbers_yaml_reads_as_text_are_numbers(tmp_path):
+    # PyYAML follows YAML 1.1, where 1e-3 (no dot) is a string; people write it, as most YAML readers take it.
+    (tmp_path / "cfg.yaml").write_text("data: images\nlr: 1e-3\ntext_encoder_lr: '5e-5'\nrank: '8'\n")
+    config = config_from_args(["--config", str(tmp_path / "cfg.yaml")])
+    assert (config.lr, config.text_encoder_lr, config.rank) == (1e-3, 5e-5, 8)
+    assert isinstance(config.rank, int)
+    (tmp_path / "cfg.yaml").write_text("data: images\nrank: eight\n")
+    with pytest.raises(InvalidArgumentError, match="'rank' must be int, got 'eight'$"):
+        config_from_args(["--config", str(tmp_path / "cfg.yaml")])
+
+
+@pytest.mark.parametrize("text, line", [
+    ("lr: 2e0", "--config {file}: 'lr' must be a finite number in (0, 1], got 2.0"),
+    ("text_encoder_lr: 3", "--config {file}: 'text_encoder_lr' must be a finite number in (0, 1], got 3.0"),
+    ("resolution: 60", "--config {file}: 'resolution' must be a positive multiple of 8 in [8, 4096], got 60"),
+])
+def test_a_bad_value_from_a_config_file_names_the_file(text, line, tmp_path, capsys):
+    from difflora.cli import main
+
+    config = tmp_path / "cfg.yaml"
+    config.write_text(f"data: images\n{text}\n")
+    assert main(["train", "--config", str(config)]) == 2
+    assert capsys.readouterr().err == f"difflora: error: {line.format(file=config)}\n"
+    # The same value from a flag is the flag's; a flag that replaces the file's value leaves the file out of it.
+    name, _, value = text.partition(": ")
+    flag = "--" + name.replace("_", "-")
+    assert main(["train", "--config", str(config), flag, value]) == 2
+    assert capsys.readouterr().err.startswith(f"difflora: error: {flag} must be ")
+    good = {"lr": "0.5", "text_encoder_lr": "0.5", "resolution": "64"}[name]
+    config = config_from_args(["--config", str(config), flag, good])
+    assert getattr(config.dataset if name == "resolution" else config, name) == float(good)
+
+
+def test_a_config_file_that_cannot_be_read_is_one_line(tmp_path):
+    for path, reason in [(tmp_path / "missing.yaml", "no such file"),
+                         (tmp_path, f"cannot be read ({os.strerror(21)})"),
+                         (tmp_path / ("a" * 300 + ".yaml"), f"cannot be read ({os.strerror(36)})")]:
+        with pytest.raises(InvalidArgumentError) as caught:
+            config_from_args(["--config", str(path)])
+        assert str(caught.value) == f"config {path}: {reason}" and caught.value.parameter == "config"

@@ -1,8 +1,11 @@
-"""Values: every weight and number finite and in range with the range in the message, in the library and on the
-command line; a mix whose change overflows the model's dtype refused before generating or fusing; per-block names
-that are not blocks of the model (or of the adapter) refused."""
+"""Values: every weight and number finite and in range with the range in the message (one check, ``number_in``), in
+the library and on the command line; a mix whose change overflows the model's dtype refused before generating,
+fusing or merging, naming the adapter by its file; per-block names that are not blocks of the model (or, without
+one, of an SD/SDXL UNet) refused, and a block named twice refused."""
 
 import math
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,8 +13,8 @@ from torch import nn
 
 from difflora import LoRARuntime
 from difflora.blocks import BlockWeights, describe_blocks, unet_blocks
-from difflora.cli import main
-from difflora.errors import FuseError, InvalidArgumentError
+from difflora.cli import LoRASpec, _adapter_names, main
+from difflora.errors import SEED_RANGE, FuseError, InvalidArgumentError, number_in
 from difflora.formats import write_adapter
 from difflora.generate import GenerationSettings, generate
 from difflora.lora import LoRAFactors, adapter_weight
@@ -38,6 +41,49 @@ def refused(capsys, argv, tmp_path) -> str:
     assert err.count("\n") == 1, err
     assert sorted(tmp_path.rglob("*")) == before
     return err.rstrip("\n")
+
+
+# ----- the one range check ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value, low, high, options, message", [
+    (0, 1, 1000, {"integer": True}, "x must be a positive integer in [1, 1000], got 0"),
+    (1001, 1, 1000, {"integer": True}, "x must be a positive integer in [1, 1000], got 1001"),
+    (True, 1, 1000, {"integer": True}, "x must be a positive integer in [1, 1000], got True"),
+    (2.0, 1, 1000, {"integer": True}, "x must be a positive integer in [1, 1000], got 2.0"),
+    (60, 8, 4096, {"integer": True, "multiple_of": 8}, "x must be a positive multiple of 8 in [8, 4096], got 60"),
+    (-1, *SEED_RANGE, {"integer": True}, "x must be an integer in [0, 2**63 - 1], got -1"),
+    (math.nan, 0.0, 100.0, {}, "x must be a finite number in [0, 100], got nan"),
+    (-math.inf, -100.0, 100.0, {}, "x must be a finite number in [-100, 100], got -inf"),
+    (0.0, 0.0, 1.0, {"low_open": True}, "x must be a finite number in (0, 1], got 0.0"),
+    ("7", 0.0, 100.0, {}, "x must be a finite number in [0, 100], got '7'"),
+    ("1e38", -100.0, 100.0, {"convert": True}, "x must be a finite number in [-100, 100], got 1e+38"),
+    ("lots", -100.0, 100.0, {"convert": True}, "x must be a number, got 'lots'"),
+])
+def test_one_range_check_puts_the_range_in_the_message(value, low, high, options, message):
+    with pytest.raises(InvalidArgumentError) as caught:
+        number_in(value, low, high, "x", "x_parameter", **options)
+    assert str(caught.value) == message and caught.value.parameter == "x_parameter"
+
+
+def test_one_range_check_returns_the_number_it_accepts():
+    assert number_in(1000, 1, 1000, "steps", integer=True) == 1000
+    assert number_in(1, 0.0, 1.0, "p") == 1.0 and isinstance(number_in(1, 0.0, 1.0, "p"), float)
+    assert number_in(" -0.5", -1.0, 1.0, "w", convert=True) == -0.5
+    assert number_in(SEED_RANGE[1], *SEED_RANGE, "seed", integer=True) == 2**63 - 1
+
+
+def test_the_seed_range_is_the_same_everywhere(tmp_path, capsys):
+    message = f"must be an integer in [0, 2**63 - 1], got {2**63}"
+    with pytest.raises(InvalidArgumentError, match=re.escape(f"seed {message}")):
+        GenerationSettings("p", seed=2**63).validate()
+    from difflora.train.config import make_config
+
+    for name in ("seed", "validation_seed"):
+        with pytest.raises(InvalidArgumentError, match=re.escape(f"{name} {message}")):
+            make_config({"data": "images", name: 2**63})
+    assert refused(capsys, ["init-model", str(tmp_path / "tiny"), "--seed", str(2**63)], tmp_path) == (
+        f"difflora: error: --seed {message}")
 
 
 # ----- adapter weights ----------------------------------------------------------------------------------------------
@@ -96,6 +142,22 @@ def test_block_weights_are_finite_and_within_100():
         BlockWeights(per_block={"down.0": math.nan})
 
 
+@pytest.mark.parametrize("text, first, second, block", [
+    ("te=1,te=2", "te=1", "te=2", "text_encoder"),
+    ("text=1,text_encoder=0", "text=1", "text_encoder=0", "text_encoder"),
+    ("up.1=0.5,up.01=1", "up.1=0.5", "up.01=1", "up.1"),
+    ("down=0,mid=1,DOWN=1", "down=0", "DOWN=1", "down"),
+])
+def test_a_block_named_twice_is_refused(text, first, second, block):
+    with pytest.raises(InvalidArgumentError) as caught:
+        BlockWeights.parse(text)
+    assert str(caught.value) == (
+        f"block_weights: {first!r} and {second!r} both set block {block}; give each block once")
+    assert caught.value.parameter == "block_weights"
+    # A part and one of its blocks are two names: the block wins over its part.
+    assert BlockWeights.parse("up=0,up.1=0.5").factor("unet", "up_blocks.1.attentions.0") == 0.5
+
+
 def test_the_command_line_refuses_a_block_weight_out_of_range(tmp_path, capsys):
     argv = ["generate", "--prompt", "p", "--block-weights", "down=nan", "--out", str(tmp_path / "o.png")]
     assert refused(capsys, argv, tmp_path) == (
@@ -110,15 +172,15 @@ def test_the_command_line_refuses_a_block_weight_out_of_range(tmp_path, capsys):
     ("guidance", math.inf, "guidance must be a finite number in [0, 100], got inf"),
     ("guidance", -1.0, "guidance must be a finite number in [0, 100], got -1.0"),
     ("guidance", "7", "guidance must be a finite number in [0, 100], got '7'"),
-    ("steps", 0, "steps must be an integer in [1, 1000], got 0"),
-    ("steps", 1001, "steps must be an integer in [1, 1000], got 1001"),
-    ("num_images", 65, "num_images must be an integer in [1, 64], got 65"),
+    ("steps", 0, "steps must be a positive integer in [1, 1000], got 0"),
+    ("steps", 1001, "steps must be a positive integer in [1, 1000], got 1001"),
+    ("num_images", 65, "num_images must be a positive integer in [1, 64], got 65"),
     ("seed", -1, "seed must be an integer in [0, 2**63 - 1], got -1"),
     ("seed", 2**63, f"seed must be an integer in [0, 2**63 - 1], got {2**63}"),
-    ("width", 0, "width must be a multiple of 8 in [8, 4096], got 0"),
-    ("width", 4104, "width must be a multiple of 8 in [8, 4096], got 4104"),
-    ("height", 60, "height must be a multiple of 8 in [8, 4096], got 60"),
-    ("height", True, "height must be a multiple of 8 in [8, 4096], got True"),
+    ("width", 0, "width must be a positive multiple of 8 in [8, 4096], got 0"),
+    ("width", 4104, "width must be a positive multiple of 8 in [8, 4096], got 4104"),
+    ("height", 60, "height must be a positive multiple of 8 in [8, 4096], got 60"),
+    ("height", True, "height must be a positive multiple of 8 in [8, 4096], got True"),
 ])
 def test_generation_settings_are_in_range(field, value, message):
     GenerationSettings("p", guidance=0.0, seed=2**63 - 1, width=4096, steps=1000, num_images=64).validate()
@@ -130,8 +192,8 @@ def test_generation_settings_are_in_range(field, value, message):
 
 
 @pytest.mark.parametrize("flag, value, message", [
-    ("--width", "0", "--width must be a multiple of 8 in [8, 4096], got 0"),  # not the native size in disguise
-    ("--height", "0", "--height must be a multiple of 8 in [8, 4096], got 0"),
+    ("--width", "0", "--width must be a positive multiple of 8 in [8, 4096], got 0"),  # not the native size
+    ("--height", "0", "--height must be a positive multiple of 8 in [8, 4096], got 0"),
     ("--guidance", "nan", "--guidance must be a finite number in [0, 100], got nan"),
     ("--seed", str(2**63), f"--seed must be an integer in [0, 2**63 - 1], got {2**63}"),
 ])
@@ -237,13 +299,24 @@ def test_a_mix_the_model_cannot_hold_is_refused_before_generating_or_fusing(half
     runtime.check_mix()  # small enough now
 
 
-def test_the_command_line_refuses_a_mix_the_model_cannot_hold(half_pipeline, tiny_model_dir, tmp_path, capsys):
+@pytest.mark.parametrize("command", ["generate", "merge"])
+def test_the_command_line_refuses_a_mix_the_model_cannot_hold_naming_the_file(
+        command, half_pipeline, tiny_model_dir, tmp_path, capsys):
     state, key = overflowing_adapter(half_pipeline)
     adapter = write_adapter(state, tmp_path / "big.safetensors")
-    argv = ["generate", "--model", str(tiny_model_dir), "--dtype", "fp16", "--lora", str(adapter), "--prompt", "p",
-            "--steps", "1", "--out", str(tmp_path / "o.png")]
+    small = write_adapter(random_adapter(half_pipeline, rank=2, alpha=2, seed=5), tmp_path / "small.safetensors")
+    argv = [command, "--model", str(tiny_model_dir), "--dtype", "fp16", "--lora", str(small), "--lora", str(adapter)]
+    argv += ["--prompt", "p", "--steps", "1", "--out", str(tmp_path / "o.png")] if command == "generate" else [
+        "--out", str(tmp_path / "merged")]
     line = refused(capsys, argv, tmp_path)
+    # The adapter is named by its file (big.safetensors → 'big'), as the user knows it.
     assert line.startswith(f"difflora: error: weight of adapter 'big' is too large for {key} in float16: "), line
+
+
+def test_adapters_are_named_by_their_files_and_the_names_are_unique():
+    specs = [LoRASpec(Path(path)) for path in (
+        "a/style.safetensors", "b/style.safetensors", "style_1.safetensors", "c/style.v2.safetensors")]
+    assert _adapter_names(specs) == ["style", "style_1", "style_1_2", "style_v2"]
 
 
 # ----- block names --------------------------------------------------------------------------------------------------
@@ -272,7 +345,7 @@ def test_block_names_the_model_does_not_have_are_refused(tiny_pipeline):
     assert runtime.adapters["a"].block_weights.per_block == {"up.1": 0.5}
 
 
-def test_the_command_line_refuses_blocks_the_model_or_the_adapter_does_not_have(
+def test_the_command_line_refuses_blocks_no_model_has_and_scale_warns_of_idle_ones(
         tiny_model_dir, adapter_file, tmp_path, capsys):
     argv = ["generate", "--model", str(tiny_model_dir), "--lora", str(adapter_file), "--block-weights", "up.9=1",
             "--prompt", "p", "--steps", "1", "--out", str(tmp_path / "o.png")]
@@ -281,11 +354,21 @@ def test_the_command_line_refuses_blocks_the_model_or_the_adapter_does_not_have(
     from difflora.formats import read_adapter
     from difflora.adapter import AdapterState
 
+    # Without a model, scale takes any block an SD or SDXL UNet has (A1111 presets name down.3 and up.0, which have
+    # no attention in SD 1.5): a block the adapter has no module in changes nothing, and one warning line says so.
     whole = read_adapter(adapter_file)
     down_only = AdapterState({key: module for key, module in whole.modules.items() if "down_blocks" in key})
     down_file = write_adapter(down_only, tmp_path / "down-only.safetensors")
-    argv = ["scale", str(down_file), "--block-weights", "up.1=0", "--out", str(tmp_path / "s.safetensors")]
-    assert refused(capsys, argv, tmp_path) == (
-        "difflora: error: --block-weights: up.1: the adapter has no such block (its blocks: down.0–down.1)")
-    argv[3] = "down.1=0"
-    assert main(argv) == 0 and (tmp_path / "s.safetensors").exists()
+    out = tmp_path / "s.safetensors"
+    argv = ["scale", str(down_file), "--block-weights", "up.1=0,down.3=0.5,down.1=2", "--out", str(out)]
+    assert refused(capsys, [*argv[:3], "down.4=0,up.1=0", *argv[4:]], tmp_path) == (
+        "difflora: error: --block-weights: down.4: an SD or SDXL UNet has no such block (its blocks: "
+        "down.0–down.3, up.0–up.3)")
+    assert main(argv) == 0
+    assert capsys.readouterr().err == (
+        f"difflora: warning: --block-weights: no module of {down_file} is in down.3, up.1, so their weights change "
+        "nothing\n")
+    scaled = read_adapter(out)
+    for key, module in down_only.modules.items():
+        expected = 2.0 if key.startswith("unet.down_blocks.1.") else 1.0
+        assert torch.equal(scaled.modules[key].up, module.up * expected), key

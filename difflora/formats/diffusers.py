@@ -130,7 +130,18 @@ def _diffusers_alpha(config: dict, module_key: str, rank: int, source: str) -> t
         alpha = rank
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
         raise AdapterFileError(f"{source}: module {module_key!r} has LoraConfig alpha {alpha!r:.40}, not a number")
-    return float(alpha), bool(config.get("use_rslora", False))
+    return float(alpha), _use_rslora(config, source)
+
+
+def _use_rslora(config: dict, source: str) -> bool:
+    """The LoraConfig's ``use_rslora``: a JSON boolean, or the text true/false (any case) some exporters write; any
+    other value (``"no"``, 0, null) is refused rather than guessed (``bool("false")`` is True)."""
+    value = config.get("use_rslora", False)
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    raise AdapterFileError(f"{source}: LoraConfig use_rslora is {value!r:.40}, expected true or false")
 
 
 def _component_configs(header: dict[str, str], source: str) -> dict[str, dict]:
@@ -220,9 +231,12 @@ def read_state_dict(tensors: dict[str, torch.Tensor], header: dict[str, str], so
             f"{source}: holds no LoRA module difflora can apply ({len(keys.skipped)} keys skipped, "
             f"first: {keys.skipped[0]!r})"
         )
+    if not tensors:
+        raise AdapterFileError(f"{source}: holds no tensors")
     if not keys.factors:
-        first = next(iter(tensors), "none")
-        raise AdapterFileError(f"{source}: no LoRA keys in a format difflora reads (first key: {first!r})")
+        raise AdapterFileError(
+            f"{source}: no LoRA keys in a format difflora reads (first key: {next(iter(tensors))!r})"
+        )
     configs = _component_configs(header, source)
     modules: dict[str, LoRAModuleWeights] = {}
     for module_key in sorted(keys.factors):

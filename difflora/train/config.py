@@ -24,7 +24,8 @@ from pathlib import Path
 import yaml
 
 from ..data import DataConfig
-from ..errors import InvalidArgumentError, first_line
+from ..errors import InvalidArgumentError, first_line, number_in, seed_number
+from ..generate import MAX_STEPS
 
 __all__ = [
     "Option", "TrainConfig", "build_arg_parser", "config_from_args", "config_options", "config_to_dict",
@@ -39,20 +40,40 @@ def _option(default, help: str, choices: tuple | None = None, *, shapes_result: 
     return field(default=default, metadata=metadata)
 
 
-# The ranges of the numeric options: (low, high, low included). Learning rates: AdamW diverges long before 1 (LoRA
-# trains at 1e-5–1e-3). Alpha: alpha/rank is the scale, and past 10000 no rank gives a usable one. LoRA+ ratio and
-# Min-SNR γ: 16 and 5 in their papers, 1000 past any use. Noise offset: 0.05–0.1 in use;
-# 1 already shifts every latent by a whole standard deviation. Weight decay: a share of the weight per step.
-# Gradient clipping: any finite norm (0: off); 1e6 never clips what a finite loss produces.
-_NUMBER_RANGES = {
-    "lr": (0.0, 1.0, False),
-    "text_encoder_lr": (0.0, 1.0, False),
-    "alpha": (0.0, 10000.0, False),
-    "loraplus_ratio": (0.0, 1000.0, False),
-    "snr_gamma": (0.0, 1000.0, False),
-    "noise_offset": (0.0, 1.0, True),
-    "weight_decay": (0.0, 1.0, True),
-    "max_grad_norm": (0.0, 1e6, True),
+# The ranges of the numeric options: name → (low, high, kind); kind "int" for an integer, "number" for a finite
+# number in [low, high], "above" for one in (low, high]. An unset optional option (None) is not checked.
+# Learning rates: AdamW diverges long before 1 (LoRA trains at 1e-5–1e-3). Alpha: alpha/rank is the scale, and past
+# 10000 no rank gives a usable one. LoRA+ ratio and Min-SNR γ: 16 and 5 in their papers, 1000 past any use. Noise
+# offset: 0.05–0.1 in use; 1 already shifts every latent by a whole standard deviation. Weight decay: a share of the
+# weight per step. Gradient clipping: any finite norm (0: off); 1e6 never clips what a finite loss produces.
+# Rank: past the smaller side of a layer a rank adds nothing, and 1280 is the widest such side in SD 1.x/2.x/XL
+# (SDXL's 1280-wide blocks and second text encoder); beyond it the factors only fill memory. Batch size: the batch is
+# held and back-propagated at once, 256 images is past what a GPU holds at SD's sizes; more is --gradient-accumulation
+# (at most 1000 batches per step). Validation steps: generate's limit (schedulers know 1000 timesteps). Data loader
+# workers: processes, 64 is past any machine's use for image decoding. Step and epoch counts, intervals and the
+# checkpoint limit: 10⁹, past any run (years at a step a millisecond) while keeping every count a plain number.
+_COUNT = 10**9
+NUMBER_RANGES = {
+    "lr": (0.0, 1.0, "above"),
+    "text_encoder_lr": (0.0, 1.0, "above"),
+    "alpha": (0.0, 10000.0, "above"),
+    "loraplus_ratio": (0.0, 1000.0, "above"),
+    "snr_gamma": (0.0, 1000.0, "above"),
+    "noise_offset": (0.0, 1.0, "number"),
+    "weight_decay": (0.0, 1.0, "number"),
+    "max_grad_norm": (0.0, 1e6, "number"),
+    "rank": (1, 1280, "int"),
+    "batch_size": (1, 256, "int"),
+    "gradient_accumulation": (1, 1000, "int"),
+    "validation_inference_steps": (1, MAX_STEPS, "int"),
+    "dataloader_workers": (0, 64, "int"),
+    "steps": (1, _COUNT, "int"),
+    "epochs": (1, _COUNT, "int"),
+    "log_every": (1, _COUNT, "int"),
+    "lr_warmup_steps": (0, _COUNT, "int"),
+    "checkpointing_steps": (0, _COUNT, "int"),
+    "validation_steps": (0, _COUNT, "int"),
+    "checkpoints_total_limit": (0, _COUNT, "int"),
 }
 
 
@@ -138,34 +159,16 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise :class:`InvalidArgumentError` naming the option (``parameter``) when a value cannot be used."""
-        positive = ("batch_size", "gradient_accumulation", "rank", "validation_inference_steps", "log_every")
-        for name in positive:
-            value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise InvalidArgumentError(f"{name} must be a positive integer, got {value!r}", name)
         if self.steps is None and self.epochs is None:
             raise InvalidArgumentError("steps must be given when epochs is not", "steps")
-        for name in ("steps", "epochs"):
+        hints = typing.get_type_hints(TrainConfig)
+        for name, (low, high, kind) in NUMBER_RANGES.items():
             value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value <= 0):
-                raise InvalidArgumentError(f"{name} must be a positive integer, got {value!r}", name)
-        for name, (low, high, low_included) in _NUMBER_RANGES.items():
-            value = getattr(self, name)
-            if value is None and name in ("text_encoder_lr", "alpha", "snr_gamma"):
+            if value is None and _is_optional(hints[name]):
                 continue  # unset: the help says what applies
-            above_low = isinstance(value, (int, float)) and (value >= low if low_included else value > low)
-            if isinstance(value, bool) or not above_low or not value <= high:  # NaN fails every comparison
-                interval = f"{'[' if low_included else '('}{low:g}, {high:g}]"
-                raise InvalidArgumentError(f"{name} must be a finite number in {interval}, got {value!r}", name)
-        for name in ("lr_warmup_steps", "checkpointing_steps", "validation_steps", "dataloader_workers",
-                     "checkpoints_total_limit"):
-            value = getattr(self, name)
-            if value is not None and value < 0:
-                raise InvalidArgumentError(f"{name} must be >= 0, got {value!r}", name)
+            number_in(value, low, high, name, name, integer=kind == "int", low_open=kind == "above")
         for name in ("seed", "validation_seed"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**63:  # manual_seed's range
-                raise InvalidArgumentError(f"{name} must be an integer in [0, 2**63 - 1], got {value!r}", name)
+            seed_number(getattr(self, name), name, name)
         if not (self.train_unet or self.train_text_encoder):
             raise InvalidArgumentError("train_text_encoder must be on when train_unet is off (nothing to train)",
                                        "train_text_encoder")
@@ -281,10 +284,15 @@ def build_arg_parser(parser: argparse.ArgumentParser | None = None) -> argparse.
 def load_config_file(path: str | Path) -> dict:
     """The options of a YAML file as a dict, keys checked against the options (``-`` or ``_`` accepted)."""
     path = Path(path)
-    if not path.is_file():
-        raise InvalidArgumentError(f"config {path}: no such file", "config")
     try:
-        loaded = yaml.safe_load(path.read_text()) or {}
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise InvalidArgumentError(f"config {path}: no such file", "config") from None
+    except (OSError, UnicodeDecodeError) as error:  # a folder, a name too long, not UTF-8 text
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else first_line(error)
+        raise InvalidArgumentError(f"config {path}: cannot be read ({reason})", "config") from None
+    try:
+        loaded = yaml.safe_load(text) or {}
     except yaml.YAMLError as error:
         raise InvalidArgumentError(f"config {path}: not valid YAML ({first_line(error)})", "config") from None
     if not isinstance(loaded, dict):
@@ -306,13 +314,29 @@ def load_config_file(path: str | Path) -> dict:
 
 
 def config_from_args(argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None) -> TrainConfig:
-    """Defaults < ``--config`` file < flags; validated."""
+    """Defaults < ``--config`` file < flags; validated. A value from the file that cannot be used is refused naming
+    the file (``config cfg.yaml: 'lr' must be …``, parameter ``config``)."""
     parser = build_arg_parser(parser)
     namespace = vars(parser.parse_args(argv))
     config_file = namespace.pop("config", None)
-    options = load_config_file(config_file) if config_file else {}
-    options.update(namespace)
-    return make_config(options)
+    from_file = load_config_file(config_file) if config_file else {}
+    try:
+        return make_config({**from_file, **namespace})
+    except InvalidArgumentError as error:
+        if error.parameter not in set(from_file) - set(namespace):
+            raise
+        message = str(error)
+        if message.startswith(error.parameter + " "):  # the key as the file spells it, not turned into a flag
+            message = repr(error.parameter) + message[len(error.parameter):]
+        raise InvalidArgumentError(f"config {config_file}: {message}", "config") from None
+
+
+def _number_from_text(text: str, kind: type):
+    """``text`` as an ``int`` or ``float`` when it spells one, else ``text`` (refused by the type check)."""
+    try:
+        return kind(text.strip())
+    except ValueError:
+        return text
 
 
 def make_config(options: dict) -> TrainConfig:
@@ -329,6 +353,9 @@ def make_config(options: dict) -> TrainConfig:
         kind, is_list = _scalar(known[name].hint)
         if is_list or (value is None and _is_optional(known[name].hint)):
             continue
+        if kind in (int, float) and isinstance(value, str):
+            # YAML 1.1 (PyYAML) reads 1e-3 as text: it wants 1.0e-3. Text that is a number of the kind is that number.
+            value = options[name] = _number_from_text(value, kind)
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
             options[name] = float(value)
         elif kind is Path and isinstance(value, (str, os.PathLike)):

@@ -53,7 +53,6 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None) -> Trai
         steps=config.steps, epochs=config.epochs, seed=config.seed, process_index=accelerator.process_index,
         num_processes=accelerator.num_processes, workers=config.dataloader_workers,
     )
-    write_run_files(accelerator, config)
 
     model = load_frozen_model(config, accelerator.device)
     runtime = add_trainable_adapter(model, config)
@@ -72,6 +71,9 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None) -> Trai
                               enabled=config.cache_text_encoder_outputs and not config.train_text_encoder)
 
     first_step = checkpoints.resume() if config.resume else 0
+    # Written once the model, the data and the checkpoint to resume are known to be sound: a run refused on the way
+    # (a --model that does not load, a missing checkpoint) leaves its output folder as it was.
+    write_run_files(accelerator, config)
     training_step = TrainingStep(accelerator, model, optimisation, latents, text, dataset, random_state.generator,
                                  config)
     reporter = StepReporter(accelerator, optimisation, checkpoints, model.pipe, config, batches.total_steps,
