@@ -1,15 +1,22 @@
 """What the web UI refuses, and that a refusal leaves nothing behind: datasets only from inside the data root,
-refused uploads deleted from Gradio's cache (accepted ones once copied), Gradio's own refusals one line in the server
-log, and the library's refusals of weights and block weights told by the adapter row that holds them."""
+refused uploads deleted from Gradio's cache (accepted ones once copied, inspected ones once replaced or after their
+time), Gradio's own refusals one line in the server log (the Train tab's numbers stop at the library's maxima), weights
+checked once by the library's rule, and the library's refusals of weights and block weights (a mix float16 cannot
+hold included) told by the adapter row that holds them, the mix before put back."""
 
 import os
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is imported: no telemetry calls
 
+import json  # noqa: E402
 import logging  # noqa: E402
 import pickle  # noqa: E402
+import re  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
 from types import SimpleNamespace  # noqa: E402
 
+import httpx  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
@@ -18,11 +25,14 @@ pytest.importorskip("gradio")
 from gradio_client import Client, handle_file  # noqa: E402
 from gradio_client.exceptions import AppError  # noqa: E402
 
-from difflora import LoRARuntime  # noqa: E402
+from difflora import LoRARuntime, webui  # noqa: E402
 from difflora.errors import InvalidArgumentError  # noqa: E402
+from difflora.formats import read_adapter, write_adapter  # noqa: E402
 from difflora.pipelines import load_pipeline  # noqa: E402
-from difflora.webui import SLOT_COUNT, AdapterLibrary, TrainingJob, WebUISession  # noqa: E402
-from helpers import served_app  # noqa: E402
+from difflora.webui import SLOT_COUNT, AdapterLibrary, GenerateRequest, TrainingJob, WebUISession  # noqa: E402
+from difflora.webui import page  # noqa: E402
+from difflora.webui.page import GENERATE_LABELS, in_field_words  # noqa: E402
+from helpers import random_adapter, served_app  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -56,9 +66,9 @@ def served(folders, tiny_model_dir, tmp_path_factory):
             yield session, Client(url, verbose=False, analytics_enabled=False, download_files=downloads)
 
 
-def generate_form(slots=(), prompt="a castle"):
+def generate_form(slots=(), prompt="a castle", fuse=False):
     """The Generate tab's values (GenerateRequest.FORM_FIELDS, then the adapter rows), 2 steps at 64 × 64."""
-    values = [prompt, "", 2, 5.0, 7, False, 64, 64, "Model default", 1, False]
+    values = [prompt, "", 2, 5.0, 7, False, 64, 64, "Model default", 1, fuse]
     rows = [list(slot) for slot in slots] + [[None, 1.0, True, ""]] * (SLOT_COUNT - len(slots))
     return values + [value for row in rows for value in row]
 
@@ -105,6 +115,11 @@ def test_the_train_tab_offers_the_folders_of_the_data_root_and_refuses_others(se
         with pytest.raises(AppError, match="^dataset folder .*: refused"):
             client.predict(*train_form(dataset), api_name="/train_start")
     assert session.training.status().state == "idle" and not (folders.lora_dir / "training").exists()
+
+
+def cached(folders, name: str) -> list:
+    """The copies of an upload called ``name`` in Gradio's cache."""
+    return sorted(folders.cache.rglob(name))
 
 
 def test_refused_and_added_uploads_leave_nothing_in_gradios_cache(served, folders, tmp_path):
@@ -163,6 +178,30 @@ def test_gradios_own_refusals_are_one_line_in_the_server_log(served, caplog, cap
     assert "Traceback" not in capfd.readouterr().err
 
 
+def test_the_train_tabs_numbers_stop_at_the_librarys_maxima(served, caplog):
+    """Rank, steps, batch size, resolution (4096), alpha, learning rate and validation interval: the page's fields
+    carry the library's maxima, so Gradio refuses a larger number at once, in one line, and no run starts."""
+    from difflora.data import DATA_RANGES
+    from difflora.train.config import NUMBER_RANGES
+
+    session, client = served
+    fields = {component["props"].get("elem_id"): component["props"] for component in client.config["components"]}
+    maxima = {"steps": NUMBER_RANGES["steps"][1], "rank": NUMBER_RANGES["rank"][1],
+              "alpha": NUMBER_RANGES["alpha"][1], "lr": NUMBER_RANGES["lr"][1],
+              "batch-size": NUMBER_RANGES["batch_size"][1], "resolution": DATA_RANGES["resolution"][1],
+              "validation-steps": NUMBER_RANGES["validation_steps"][1]}
+    assert maxima["resolution"] == 4096
+    assert {name: fields[f"train-{name}"].get("maximum") for name in maxima} == maxima
+    caplog.set_level(logging.WARNING, logger="difflora.webui.page")
+    for index, name, above in [(2, "steps", 1), (3, "rank", 1), (6, "batch-size", 1), (7, "resolution", 8)]:
+        form = train_form("cats")
+        form[index] = maxima[name] + above
+        with pytest.raises(AppError, match=f"greater than maximum value {maxima[name]}"):
+            client.predict(*form, api_name="/train_start")
+    assert session.training.status().state == "idle"
+    assert len([record for record in caplog.records if "refused by the page (train_start)" in record.getMessage()]) == 4
+
+
 def test_weight_and_block_weight_errors_are_told_by_their_row(served, monkeypatch):
     """The library's refusals of a weight or block weights (parameters ``weight``, ``block_weights``) are told by
     the row (or prompt tag) that holds them, never as a flag; the mix in place stays as it was."""
@@ -204,3 +243,125 @@ def test_weight_and_block_weight_errors_are_told_by_their_row(served, monkeypatc
         assert str(caught.value) == expected
         active = {name: info.weight for name, info in runtime.adapters.items() if info.enabled}
         assert active == {"alpha": 0.7}, expected  # the change of alpha's weight before the refusal was undone
+
+
+def test_an_upload_only_inspected_goes_when_its_page_replaces_it_or_after_its_time(served, folders, tmp_path,
+                                                                                    monkeypatch):
+    """Gradio would keep an upload that was only inspected for ever: it goes when the same page uploads another
+    file or clears it, or once it is older than ``UPLOAD_KEPT_SECONDS`` (also when the page never comes back);
+    "Add" then asks for the upload again, and nothing reaches the adapter folder."""
+    session, client = served
+    gamma, delta = tmp_path / "gamma.safetensors", tmp_path / "delta.safetensors"
+    gamma.write_bytes((folders.lora_dir / "alpha.safetensors").read_bytes())
+    delta.write_bytes((folders.lora_dir / "beta.safetensors").read_bytes())
+    client.predict(handle_file(str(gamma)), api_name="/inspect_upload")
+    assert cached(folders, "gamma.safetensors")  # kept for "Add"
+    client.predict(handle_file(str(delta)), api_name="/inspect_upload")  # the same page (client session) replaces it
+    assert not cached(folders, "gamma.safetensors") and cached(folders, "delta.safetensors")
+
+    monkeypatch.setattr(page, "UPLOAD_KEPT_SECONDS", 1)
+    with served_app(session) as url:
+        short = Client(url, verbose=False, analytics_enabled=False, download_files=str(tmp_path / "downloads"))
+        short.predict(handle_file(str(gamma)), api_name="/inspect_upload")
+        (kept,) = cached(folders, "gamma.safetensors")
+        deadline = time.monotonic() + 20  # Gradio looks for expired state every second
+        while kept.exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not kept.exists() and not kept.parent.exists()  # the file, and the folder Gradio made for it
+        assert cached(folders, "delta.safetensors")  # the other page's upload is still in its time
+        # What the page still shows and sends with "Add": the upload as it was (gradio_client would upload it anew).
+        stale = {"path": str(kept), "orig_name": kept.name, "meta": {"_type": "gradio.FileData"}}
+        assert re.fullmatch(r"upload gamma\.safetensors: no longer on the server .*; upload it again",
+                            error_of_call(url, "add_upload", stale))
+    assert not (folders.lora_dir / "gamma.safetensors").exists()
+    client.predict(api_name="/clear_upload")  # the page's × on its upload
+    assert not cached(folders, "delta.safetensors")
+    message, *_ = client.predict(handle_file(str(delta)), api_name="/add_upload")  # uploaded again, and added
+    assert "delta.safetensors" in message and not cached(folders, "delta.safetensors")
+    (folders.lora_dir / "delta.safetensors").unlink()
+
+
+def test_whatever_else_gradio_keeps_goes_after_its_time(served, folders, tmp_path, monkeypatch):
+    """The backstop for the rest of the cache (``CACHE_KEPT``): an upload no event ever asked about (sent straight to
+    Gradio's upload route) is deleted once it is older than the age, here one second."""
+    session, _ = served
+    monkeypatch.setattr(page, "CACHE_KEPT", (1, 1))
+    with served_app(session) as url:
+        sent = httpx.post(f"{url}gradio_api/upload", files=[("files", ("orphan.safetensors", b"0" * 64))], timeout=60)
+        (orphan,) = map(Path, sent.json())
+        assert orphan.is_file() and orphan.is_relative_to(folders.cache)
+        deadline = time.monotonic() + 20
+        while orphan.exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not orphan.exists()
+
+
+def error_of_call(url: str, api_name: str, *data) -> str | None:
+    """The error message an event of the page sends for ``data`` exactly as given (no file uploaded), or None."""
+    event = httpx.post(f"{url}gradio_api/call/{api_name}", json={"data": list(data)}, timeout=60).json()
+    stream = httpx.get(f"{url}gradio_api/call/{api_name}/{event['event_id']}", timeout=60).text
+    lines = stream.splitlines()
+    for kind, payload in zip(lines, lines[1:]):
+        if kind == "event: error":
+            return json.loads(payload.removeprefix("data: "))["error"]
+    return None
+
+
+def test_a_weight_out_of_range_is_refused_before_any_file_is_read(served, monkeypatch):
+    """A weight is checked once, when the request is read, by the library's rule: a prompt tag's 1e38 never gets
+    as far as loading its file, and the mix in place stays."""
+    session, _ = served
+    session.generate(GenerateRequest.from_form(generate_form([("alpha.safetensors", 0.4, True, "")])))
+    reads = []
+    monkeypatch.setattr(webui.session, "read_adapter", lambda path: reads.append(path) or read_adapter(path))
+    for prompt in ("a castle <lora:beta:1e38>", "a castle <lora:beta:nan>"):
+        with pytest.raises(InvalidArgumentError) as caught:
+            session.generate(GenerateRequest.from_form(generate_form([("alpha.safetensors", 0.9, True, "")], prompt)))
+        assert in_field_words(caught.value, GENERATE_LABELS).startswith(
+            f"Prompt: tag {prompt.split()[-1]}: weight must be a finite number in [-100, 100], got ")
+    assert reads == []
+    assert {name: info.weight for name, info in session.runtime.adapters.items() if info.enabled} == {"alpha": 0.4}
+
+
+@pytest.fixture(scope="module")
+def half_session(tiny_model_dir, tmp_path_factory):
+    """A session on the tiny model in float16 with two adapters: ``good``, and ``big``, whose change of one UNet
+    layer at weight 1 is more than float16 holds (65504) although every number in its file is finite."""
+    lora_dir = tmp_path_factory.mktemp("half-loras")
+    pipe = load_pipeline(tiny_model_dir, device="cpu", dtype=torch.float16, quiet=True)
+    good = random_adapter(pipe, rank=2, alpha=2, seed=1, components=("unet",))
+    big = random_adapter(pipe, rank=2, alpha=2, seed=4, components=("unet",))
+    big.modules[sorted(big.modules)[0]].up.mul_(1e6)
+    write_adapter(good, lora_dir / "good.safetensors")
+    write_adapter(big, lora_dir / "big.safetensors")
+    return WebUISession(pipe, lora_dir)
+
+
+@pytest.mark.parametrize("fuse", [False, True], ids=["unfused", "fused"])
+def test_a_mix_the_model_cannot_hold_is_told_by_its_row_and_the_mix_before_stays(half_session, fuse):
+    """The runtime's dtype check refuses ``big`` at weight 1 in float16; the refusal names the row (or prompt tag)
+    that asked for it, and the runtime holds the mix of the request before, giving the same image as before."""
+    session = half_session
+    before = session.generate(GenerateRequest.from_form(generate_form([("good.safetensors", 0.5, True, "")])))
+    refused = [
+        (generate_form([("good.safetensors", 0.5, True, ""), ("big.safetensors", 1.0, True, "")], fuse=fuse),
+         "Weight of adapter 2: is too large for unet."),
+        (generate_form([("good.safetensors", 0.5, True, "")], "a castle <lora:big:1>", fuse=fuse),
+         "Prompt: tag <lora:big:1>: weight is too large for unet."),
+    ]
+    for form, expected in refused:
+        with pytest.raises(InvalidArgumentError) as caught:
+            session.generate(GenerateRequest.from_form(form))
+        assert in_field_words(caught.value, GENERATE_LABELS).startswith(expected), str(caught.value)
+        assert "in float16" in str(caught.value)
+        active = {name: info.weight for name, info in session.runtime.adapters.items() if info.enabled}
+        assert active == {"good": 0.5} and not session.runtime.fused, expected
+    after = session.generate(GenerateRequest.from_form(generate_form([("good.safetensors", 0.5, True, "")])))
+    assert pixels_equal(before.files[0], after.files[0])
+
+
+def pixels_equal(first, second) -> bool:
+    from PIL import Image, ImageChops
+
+    with Image.open(first) as one, Image.open(second) as other:
+        return ImageChops.difference(one.convert("RGB"), other.convert("RGB")).getbbox() is None

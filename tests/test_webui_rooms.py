@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from difflora.errors import InvalidArgumentError
-from difflora.webui import SLOT_COUNT, AdapterSlot, BlendRequest, GenerateRequest, TrainRequest
+from difflora.webui import SLOT_COUNT, AdapterSlot, BlendRequest, GenerateRequest, TrainRequest, parse_prompt_loras
 
 REPO = Path(__file__).resolve().parent.parent
 PACKAGE = REPO / "difflora"
@@ -149,12 +149,44 @@ def test_errors_are_told_by_the_label_of_their_field():
     unnamed = InvalidArgumentError("down must be a number, got 'x'")  # no parameter: still told by the row
     assert in_field_words(AdapterSlot("a", row=3).told(unnamed, "block_weights"), GENERATE_LABELS) == (
         "Block weights of adapter 3: down must be a number, got 'x'")
-    values = generate_values()
-    second_row = len(GenerateRequest.FORM_FIELDS) + len(GenerateRequest.SLOT_FIELDS)
-    values[second_row:second_row + 2] = ["beta.safetensors", float("nan")]
-    assert in_field_words(form_error(GenerateRequest.from_form, values), GENERATE_LABELS) == (
-        "Weight of adapter 2: must be a finite number, got nan")
     # A training run that fails on bad input in the background is told in the Train tab's words too.
     error = InvalidArgumentError("lr must be > 0, got -1.0", "lr")
     failed = TrainingStatus("failed", name="x", message=f"training failed: {error}", error=error)
     assert "training failed: Learning rate: must be &gt; 0, got -1.0" in _progress_html(failed)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), 1e38, 150, -100.5, "lots"], ids=str)
+def test_a_weight_is_checked_once_by_the_librarys_rule_and_told_with_its_range(value):
+    """Adapter rows, prompt tags, blend rows and the session's own callers all check a weight with
+    ``lora.adapter_weight`` (the range the runtime enforces), so the page says the range, not just "finite"."""
+    pytest.importorskip("gradio")
+    from difflora.lora import adapter_weight
+    from difflora.webui.page import BLEND_LABELS, GENERATE_LABELS, in_field_words
+
+    with pytest.raises(InvalidArgumentError) as rule:
+        adapter_weight(value)
+    reason = str(rule.value).removeprefix("weight ")  # "must be a finite number in [-100, 100], got nan"
+    assert "[-100, 100]" in reason or "must be a number" in reason
+
+    values = generate_values()
+    second_row = len(GenerateRequest.FORM_FIELDS) + len(GenerateRequest.SLOT_FIELDS)
+    values[second_row:second_row + 2] = ["beta.safetensors", value]
+    assert in_field_words(form_error(GenerateRequest.from_form, values), GENERATE_LABELS) == (
+        f"Weight of adapter 2: {reason}")
+    tagged = form_error(parse_prompt_loras, f"a castle <lora:beta:{value}>")
+    assert tagged.parameter == "prompt"
+    assert in_field_words(tagged, GENERATE_LABELS) == f"Prompt: tag <lora:beta:{value}>: weight {reason}"
+    blend_values = ["alpha.safetensors", value] + [None, 1.0] * (SLOT_COUNT - 1) + ["concat", 0, 0.5]
+    assert in_field_words(form_error(BlendRequest.from_form, blend_values), BLEND_LABELS) == (
+        f"Weight of adapter 1: {reason}")
+    with pytest.raises(InvalidArgumentError) as caught:
+        AdapterSlot("beta.safetensors", value)  # a caller of the session, not the page
+    assert str(caught.value) == f"weight of beta.safetensors {reason}"
+
+
+def test_weights_at_the_ends_of_the_range_are_accepted():
+    _, slots = parse_prompt_loras("<lora:a:-100> <lora:b:100> <lora:c>")
+    assert [(slot.file, slot.weight) for slot in slots] == [("a.safetensors", -100.0), ("b.safetensors", 100.0),
+                                                            ("c.safetensors", 1.0)]
+    blend_values = ["a.safetensors", -100, "b.safetensors", 100] + [None, 1.0] * (SLOT_COUNT - 2) + ["concat", 0, 0.5]
+    assert BlendRequest.from_form(blend_values).adapters == [("a.safetensors", -100.0), ("b.safetensors", 100.0)]

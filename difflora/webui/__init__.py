@@ -20,10 +20,12 @@ Every file it reads or writes by name is inside ``--lora-dir`` (``../x``, absolu
 are refused). Training datasets are read, never written, from folders inside ``--data-root`` (the adapter folder
 when it is not given): a name relative to it, or an absolute path inside it; symlinks leading out are refused.
 Uploads are accepted only when :func:`~difflora.formats.read_adapter` reads them as safetensors LoRA files; Gradio
-keeps them in ``<lora-dir>/.gradio-cache``, from which a refused upload is deleted at once and an accepted one once
-it is copied into the adapter folder. Values Gradio itself refuses (a dropdown value not among the choices, a
-number out of its field's range) are logged as one line. One lock guards the pipeline: each request sets the whole
-adapter mix it needs under the lock, then generates, so concurrent users queue and never see each other's weights.
+keeps them in ``<lora-dir>/.gradio-cache``, from which a refused upload is deleted at once, an added one once it is
+copied into the adapter folder, and one only inspected when its page uploads another or after an hour at most
+(:mod:`~difflora.webui.page` says what else is kept there, and for how long). Values Gradio itself refuses (a
+dropdown value not among the choices, a number out of its field's range) are logged as one line. One lock guards
+the pipeline: each request sets the whole adapter mix it needs under the lock, then generates, so concurrent users
+queue and never see each other's weights.
 """
 
 from __future__ import annotations

@@ -5,6 +5,13 @@ components, then binds the events. Each callback turns form values into a reques
 (:mod:`~difflora.webui.requests`), calls one :class:`~difflora.webui.session.WebUISession` method and turns a
 :class:`~difflora.errors.DiffloraError` into a one-line message in the page that names the field at fault.
 
+What stays in Gradio's cache (``<lora-dir>/.gradio-cache`` under ``difflora webui``): a refused upload is deleted at
+once, an added one once it is copied into the adapter folder; one that was only inspected is kept for the "Add"
+button until the same page uploads another file or clears it, and for at most an hour (``UPLOAD_KEPT_SECONDS``,
+also when the page is closed); "Add" after that asks for the upload again. Everything else Gradio keeps there
+(copies of the images and files it served) is deleted once a day old, and all of it when the server stops
+(``CACHE_KEPT``).
+
 Stable element ids for browser tests: ``prompt``, ``negative-prompt``, ``generate-button``, ``gallery``,
 ``used-seed``, ``generate-status``, ``lora-N-file``/``-weight``/``-enabled``/``-blocks`` (N = 0…3),
 ``refresh-adapters``, ``adapter-table``, ``blend-…``, ``inspect-…`` and ``train-…`` (see each component).
@@ -23,9 +30,11 @@ from pathlib import Path
 import gradio as gr
 
 from ..blend import BLEND_METHODS
+from ..data import DATA_RANGES
 from ..errors import DiffloraError, InvalidArgumentError
 from ..formats import WRITE_LAYOUTS
 from ..keys import ADAPTER_SUFFIX
+from ..train.config import NUMBER_RANGES as TRAINING_RANGES
 from .library import OUTPUTS_FOLDER, AdapterLibrary, format_summary
 from .requests import MODEL_SCHEDULER, SCHEDULERS, SLOT_COUNT, BlendRequest, GenerateRequest, TrainRequest
 from .session import WebUISession
@@ -34,6 +43,12 @@ from .training_job import TrainingStatus
 __all__ = ["BLEND_LABELS", "GENERATE_LABELS", "TRAIN_LABELS", "build_app", "in_field_words"]
 
 logger = logging.getLogger(__name__)
+
+# How long an upload that was only inspected is kept in Gradio's cache for the "Add" button (see _Uploads).
+UPLOAD_KEPT_SECONDS = 3600
+# Everything else Gradio keeps in its cache (copies of the images and files it served, uploads no event asked about)
+# is deleted once a day old, checked every hour, and all of it when the server stops: (frequency, age) in seconds.
+CACHE_KEPT = (3600, 86400)
 
 # Parameter → the label of its field, per tab: the labels the fields are built with, and the words an error naming
 # that parameter is told in (a UI user reads "Rank (svd, ties, dare): …", never "--rank").
@@ -295,6 +310,13 @@ def _inspect_tab(names: list[str]) -> _InspectTab:
     return _InspectTab(picker, upload, add_button, summary, details)
 
 
+def _train_maximum(parameter: str) -> float:
+    """The largest value the library accepts for a training option (its range), so Gradio refuses more at once."""
+    if parameter in DATA_RANGES:
+        return DATA_RANGES[parameter][1]
+    return TRAINING_RANGES[parameter][1]
+
+
 def _train_tab(session: WebUISession) -> _TrainTab:
     labels = TRAIN_LABELS
     with gr.Tab("Train", id="train"):
@@ -310,18 +332,24 @@ def _train_tab(session: WebUISession) -> _TrainTab:
                                       label=labels["data"], elem_id="train-dataset")
                 refresh_datasets = gr.Button("Refresh folders", elem_id="train-refresh-datasets", size="sm")
             trigger = gr.Textbox(label=labels["trigger_word"], elem_id="train-trigger")
+        # Maxima from the library's ranges: Gradio refuses a larger number before the callback runs (one line).
+        # Minima stay the form's own (alpha 0 means alpha = rank); the library checks the rest.
+        top = _train_maximum
         with gr.Row():
-            steps = gr.Number(value=200, precision=0, minimum=1, label=labels["steps"], elem_id="train-steps")
-            rank = gr.Number(value=4, precision=0, minimum=1, label=labels["rank"], elem_id="train-rank")
-            alpha = gr.Number(value=0, label=labels["alpha"], elem_id="train-alpha")
-            lr = gr.Number(value=1e-4, label=labels["lr"], elem_id="train-lr")
-            batch = gr.Number(value=4, precision=0, minimum=1, label=labels["batch_size"], elem_id="train-batch-size")
-            resolution = gr.Number(value=session.native_size, precision=0, minimum=8, step=8,
-                                   label=labels["resolution"], elem_id="train-resolution")
+            steps = gr.Number(value=200, precision=0, minimum=1, maximum=top("steps"), label=labels["steps"],
+                              elem_id="train-steps")
+            rank = gr.Number(value=4, precision=0, minimum=1, maximum=top("rank"), label=labels["rank"],
+                             elem_id="train-rank")
+            alpha = gr.Number(value=0, maximum=top("alpha"), label=labels["alpha"], elem_id="train-alpha")
+            lr = gr.Number(value=1e-4, maximum=top("lr"), label=labels["lr"], elem_id="train-lr")
+            batch = gr.Number(value=4, precision=0, minimum=1, maximum=top("batch_size"), label=labels["batch_size"],
+                              elem_id="train-batch-size")
+            resolution = gr.Number(value=session.native_size, precision=0, minimum=8, maximum=top("resolution"),
+                                   step=8, label=labels["resolution"], elem_id="train-resolution")
         with gr.Row():
             validation_prompt = gr.Textbox(label=labels["validation_prompts"], elem_id="train-validation-prompt")
-            validation_steps = gr.Number(value=0, precision=0, minimum=0, label=labels["validation_steps"],
-                                         elem_id="train-validation-steps")
+            validation_steps = gr.Number(value=0, precision=0, minimum=0, maximum=top("validation_steps"),
+                                         label=labels["validation_steps"], elem_id="train-validation-steps")
         form = [name, dataset, steps, rank, alpha, lr, batch, resolution, trigger, validation_prompt, validation_steps]
         button = gr.Button("Start training", variant="primary", elem_id="train-start")
         status = session.training.status()
@@ -420,30 +448,42 @@ class _Uploads:
     """Uploads as the Inspect tab's callbacks take them: unprocessed, a ``FileData`` dict whose ``path`` is in
     Gradio's cache folder. (Processed, Gradio's File would leave an empty temporary file in the cache per event.)
 
-    An upload is deleted from the cache as soon as it is refused, and once it has been copied into the adapter
-    folder, so that refused files do not pile up on the server; one that was only inspected stays for "Add".
+    No upload stays in the cache for long: a refused one is deleted at once, an added one once it is copied into the
+    adapter folder, and one that was only inspected is kept for "Add" while it is the page's upload, for at most
+    ``UPLOAD_KEPT_SECONDS``: the page's ``gr.State`` (see :func:`_bind_inspect`) holds it, and deletes it when the
+    page uploads another file, clears the upload, or the state expires.
     """
 
     cache: Path
 
-    def path(self, payload) -> Path | None:
-        """The upload's file in the cache, or None when nothing was uploaded."""
+    @staticmethod
+    def location(payload) -> Path | None:
+        """Where the upload's file is (or was) in the cache, or None when nothing was uploaded."""
         if not payload:
             return None
-        path = Path(payload["path"] if isinstance(payload, Mapping) else payload)
+        return Path(payload["path"] if isinstance(payload, Mapping) else payload)
+
+    def path(self, payload) -> Path | None:
+        """The upload's file in the cache, or None when nothing was uploaded."""
+        path = self.location(payload)
+        if path is None:
+            return None
         if not path.is_file():
-            raise InvalidArgumentError(f"upload {path.name}: no longer on the server (refused or already added); "
-                                       "upload it again")
+            raise InvalidArgumentError(f"upload {path.name}: no longer on the server (refused, already added, "
+                                       "replaced or kept past its time); upload it again")
         return path
 
-    def discard(self, path: Path) -> None:
-        """Delete ``path`` from the cache, and the folder Gradio made for it when that is left empty."""
-        cache, path = self.cache.resolve(), path.resolve()
-        if path == cache or not path.is_relative_to(cache):
-            return  # not an upload in the cache: never delete anything else
-        path.unlink(missing_ok=True)
-        if path.parent != cache:
-            with contextlib.suppress(OSError):
+    def discard(self, path: str | Path | None) -> None:
+        """Delete ``path`` from the cache, and the folder Gradio made for it when that is left empty. Never raises:
+        Gradio calls it from its state-expiry loop, which an exception would stop."""
+        if not path:
+            return
+        with contextlib.suppress(OSError, ValueError):
+            cache, path = self.cache.resolve(), Path(path).resolve()
+            if path == cache or not path.is_relative_to(cache):
+                return  # not an upload in the cache: never delete anything else
+            path.unlink(missing_ok=True)
+            if path.parent != cache:
                 path.parent.rmdir()
 
     @contextlib.contextmanager
@@ -457,6 +497,10 @@ class _Uploads:
 
 def _bind_inspect(session: WebUISession, tab: _InspectTab, lists: _AdapterLists) -> None:
     uploads = _Uploads(Path(tab.upload.GRADIO_CACHE))
+    # The page's inspected upload (its path in the cache), kept for "Add": per browser session, deleted when the
+    # page replaces or clears it, and by Gradio once the state is older than its time to live (also when the page
+    # was closed).
+    kept = gr.State(None, time_to_live=UPLOAD_KEPT_SECONDS, delete_callback=uploads.discard)
 
     @_shown_in_page()
     def on_inspect(name):
@@ -466,16 +510,18 @@ def _bind_inspect(session: WebUISession, tab: _InspectTab, lists: _AdapterLists)
         return format_summary(summary, name), summary
 
     @_shown_in_page()
-    def on_inspect_upload(uploaded):
+    def on_inspect_upload(uploaded, previous):
+        if previous and Path(previous) != uploads.location(uploaded):
+            uploads.discard(previous)  # replaced: the page's "Add" can no longer reach it
         path = uploads.path(uploaded)
         if path is None:
-            return "", None
+            return "", None, None
         with uploads.deleted_if_refused(path):
             summary = session.inspect_upload(path)
-        return format_summary(summary, f"{path.name} (upload, not yet in the adapter folder)"), summary
+        return format_summary(summary, f"{path.name} (upload, not yet in the adapter folder)"), summary, str(path)
 
     @_shown_in_page()
-    def on_add_upload(uploaded):
+    def on_add_upload(uploaded, previous):
         path = uploads.path(uploaded)
         if path is None:
             raise InvalidArgumentError("upload a .safetensors file first")
@@ -483,15 +529,21 @@ def _bind_inspect(session: WebUISession, tab: _InspectTab, lists: _AdapterLists)
             file = session.add_upload(path)
         finally:
             uploads.discard(path)  # refused, or copied into the adapter folder
-        return f"Added `{file}` to the adapter folder.", *lists.fresh()
+        return f"Added `{file}` to the adapter folder.", None, *lists.fresh()
+
+    def on_clear_upload(previous):
+        uploads.discard(previous)
+        return None
 
     shown = [tab.summary, tab.details]
     tab.picker.change(on_inspect, inputs=tab.picker, outputs=shown, api_name="inspect", **FREE)
     # preprocess=False: the callbacks get the upload's path in the cache (see _Uploads) and check its type
     # themselves, in one line.
-    tab.upload.upload(on_inspect_upload, inputs=tab.upload, outputs=shown, api_name="inspect_upload",
+    tab.upload.upload(on_inspect_upload, inputs=[tab.upload, kept], outputs=[*shown, kept], api_name="inspect_upload",
                       preprocess=False, **FREE)
-    tab.add_button.click(on_add_upload, inputs=tab.upload, outputs=[tab.summary, *lists.outputs],
+    tab.upload.clear(on_clear_upload, inputs=kept, outputs=kept, api_name="clear_upload",
+                     api_visibility="undocumented", **FREE)
+    tab.add_button.click(on_add_upload, inputs=[tab.upload, kept], outputs=[tab.summary, kept, *lists.outputs],
                          api_name="add_upload", preprocess=False, **FREE)
 
 
@@ -527,7 +579,7 @@ def build_app(session: WebUISession) -> gr.Blocks:
     """The Gradio page for ``session``: Generate, Blend & export, Inspect and Train tabs (element ids: see the
     module docstring)."""
     names = session.library.names()
-    with _Page(title="difflora", analytics_enabled=False) as app:
+    with _Page(title="difflora", analytics_enabled=False, delete_cache=CACHE_KEPT) as app:
         gr.Markdown(f"## difflora\nModel `{session.model_label}` · adapter folder `{session.root}`")
         generate = _generate_tab(session, names)
         blend = _blend_tab(names)

@@ -15,6 +15,7 @@ from typing import Any
 
 from ..errors import DiffloraError, InvalidArgumentError, finite_number
 from ..keys import ADAPTER_SUFFIX
+from ..lora import adapter_weight
 
 __all__ = [
     "MODEL_SCHEDULER",
@@ -47,6 +48,10 @@ class AdapterSlot:
 
     ``row`` is the page's adapter row it came from (1…``SLOT_COUNT``) and ``tag`` the ``<lora:…>`` prompt tag, so
     an error about its weight or block weights is told by the field that holds them (:meth:`parameter`).
+
+    The weight is checked here, once, by the library's rule (:func:`~difflora.lora.adapter_weight`: a finite number
+    in [-100, 100], the range in the message): every slot, from a form row, a prompt tag or a caller of the session,
+    is built through this class, so a weight the runtime would refuse never gets as far as loading a file.
     """
 
     file: str | None
@@ -55,6 +60,12 @@ class AdapterSlot:
     block_weights: str = ""
     row: int | None = None
     tag: str | None = None
+
+    def __post_init__(self) -> None:
+        try:
+            self.weight = adapter_weight(self.weight)
+        except DiffloraError as error:
+            raise self.told(error, "weight") from None
 
     def parameter(self, part: str) -> str:
         """The form parameter holding this slot's ``part`` (``weight`` or ``block_weights``): ``weight_2`` for the
@@ -98,9 +109,8 @@ def parse_prompt_loras(prompt: str) -> tuple[str, list[AdapterSlot]]:
     for match in _PROMPT_LORA.finditer(prompt):
         name, weight_text = match.group(1).strip(), (match.group(2) or "").strip()
         tag = match.group(0)
-        weight = finite_number(weight_text, f"prompt tag {tag}: weight", "prompt") if weight_text else 1.0
         file = name if name.lower().endswith(ADAPTER_SUFFIX) else name + ADAPTER_SUFFIX
-        slots.append(AdapterSlot(file, weight, tag=tag))
+        slots.append(AdapterSlot(file, weight_text or 1.0, tag=tag))  # the slot checks its weight
     text = _PROMPT_LORA.sub(" ", prompt)
     text = re.sub(r"[ \t]+", " ", text)
     text = re.sub(r" +([,.;])", r"\1", text)
@@ -154,10 +164,8 @@ class GenerateRequest:
         for index in range(SLOT_COUNT):
             start = len(cls.FORM_FIELDS) + index * len(cls.SLOT_FIELDS)
             file, weight, enabled, blocks = values[start:start + len(cls.SLOT_FIELDS)]
-            if file:
-                slot = AdapterSlot(str(file), weight, bool(enabled), blocks or "", row=index + 1)
-                slot.weight = finite_number(weight, slot.parameter("weight"), slot.parameter("weight"))
-                slots.append(slot)
+            if file:  # the slot checks its weight, told by its row
+                slots.append(AdapterSlot(str(file), weight, bool(enabled), blocks or "", row=index + 1))
         return cls(
             prompt=form["prompt"] or "",
             negative_prompt=form["negative_prompt"] or "",
@@ -191,7 +199,7 @@ class BlendRequest:
         """From ``SLOT_COUNT`` × (file, weight), then method, rank (0: none) and density."""
         _check_length(values, SLOT_COUNT * len(cls.SLOT_FIELDS) + len(cls.FORM_FIELDS), "Blend")
         pairs = [
-            (str(values[2 * i]), finite_number(values[2 * i + 1], f"weight_{i + 1}", f"weight_{i + 1}"))
+            (str(values[2 * i]), adapter_weight(values[2 * i + 1], f"weight_{i + 1}", f"weight_{i + 1}"))
             for i in range(SLOT_COUNT)
             if values[2 * i]
         ]

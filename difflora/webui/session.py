@@ -27,7 +27,7 @@ from .._files import atomic_path
 from ..adapter import AdapterState
 from ..blend import BlendResult, blend
 from ..blocks import BlockWeights
-from ..errors import AdapterFileError, DiffloraError, InvalidArgumentError, finite_number
+from ..errors import AdapterFileError, DiffloraError, InvalidArgumentError
 from ..formats import WRITE_LAYOUTS, read_adapter, write_adapter
 from ..generate import AdapterUse, GenerationSettings, generate, save_png
 from ..keys import ADAPTER_SUFFIX, adapter_name_from_path
@@ -152,8 +152,9 @@ class WebUISession:
         return name
 
     def _checked_slots(self, slots: list[AdapterSlot]) -> list[tuple[AdapterSlot, BlockWeights]]:
-        """Each slot with its parsed block weights, refusing repeated files, bad names and bad numbers before
-        anything changes; a bad number is told by the slot's own field."""
+        """Each slot with its parsed block weights, refusing repeated files, bad names and bad block weights before
+        anything changes; a bad number is told by the slot's own field. (Each slot checked its weight when it was
+        made: :class:`AdapterSlot`.)"""
         files = [slot.file for slot in slots]
         repeated = sorted({file for file in files if files.count(file) > 1})
         if repeated:
@@ -167,15 +168,15 @@ class WebUISession:
             checked.append((slot, block_weights))
         for slot, _ in checked:
             self.library.path_of(slot.file)
-            with _told_as(slot, "weight"):
-                slot.weight = finite_number(slot.weight, "weight", "weight")
         return checked
 
     def _apply_mix(self, slots: list[AdapterSlot], fuse: bool) -> list[AdapterUse]:
         """Make the runtime hold exactly ``slots``: load new files, set numbers on loaded ones, disable the rest.
 
         Only what differs is changed (a changed number costs a float per branch, no file is read), so an unchanged
-        mix stays fused between requests.
+        mix stays fused between requests. A mix the model's dtype cannot hold (:meth:`LoRARuntime.check_mix`, which
+        :func:`~difflora.generate.generate` would refuse) is refused here, told by the slot of the adapter at fault,
+        and the mix before is put back.
         """
         checked = self._checked_slots(slots)
         if BLEND_PREVIEW_ADAPTER in self.runtime.adapters:
@@ -194,11 +195,14 @@ class WebUISession:
                 shown_blocks = None if block_weights.is_identity else str(block_weights)
                 uses.append(AdapterUse(name, float(slot.weight), slot.file, shown_blocks))
             self._set_runtime_mix(wanted)
+            with _told_by_adapter(wanted):
+                self.runtime.check_mix()
             # Before fusing, which a removal would undo and redo; the adapters of the mix before stay for now, in
             # case it must be put back.
             self._forget_old_files(keep=set(wanted) | {name for name, info in before.items() if info.enabled})
             if fuse and wanted and not self.runtime.fused:
-                self.runtime.fuse()
+                with _told_by_adapter(wanted):
+                    self.runtime.fuse()
             elif not fuse and self.runtime.fused:
                 self.runtime.unfuse()
         except DiffloraError:
@@ -378,6 +382,20 @@ def _told_as(slot: AdapterSlot, part: str) -> Iterator[None]:
         yield
     except DiffloraError as error:
         raise slot.told(error, part) from None
+
+
+@contextlib.contextmanager
+def _told_by_adapter(wanted: dict[str, tuple[AdapterSlot, BlockWeights]]) -> Iterator[None]:
+    """Errors raised inside about the weight of one adapter of the mix (the runtime's range check names it:
+    ``weight of adapter 'x' is too large …``), told by the slot that asked for it; others as they are."""
+    try:
+        yield
+    except DiffloraError as error:
+        if error.parameter == "weight":
+            for name, (slot, _) in wanted.items():
+                if f"adapter {name!r}" in str(error):
+                    raise slot.told(error, "weight") from None
+        raise
 
 
 def _read_upload(path: Path) -> AdapterState:
