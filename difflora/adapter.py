@@ -341,7 +341,18 @@ class AdapterState:
         return dict(collections.Counter(key.split(".", 1)[0] for key in self.modules))
 
     def ranks(self) -> list[int]:
-        return sorted({weights.rank for weights in self.modules.values()})
+        """The ranks of the low-rank modules (full diffs and LoKr without a factorised side have none)."""
+        return sorted({weights.rank for weights in self.modules.values() if weights.rank})
+
+    def layer_kinds(self) -> dict[str, dict[str, int]]:
+        """Per component, how many modules adapt each kind of layer: ``linear``, ``conv 1x1``, ``conv 3x3``, …
+        (as far as the file tells: LoHa/LoKr without a kernel hold a conv's weight as a matrix)."""
+        found: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+        for module_key, weights in self.modules.items():
+            shape = weights.weight_shape
+            kind = f"conv {shape[2]}x{shape[3]}" if len(shape) == 4 else "linear"
+            found[module_key.split(".", 1)[0]][kind] += 1
+        return {component: dict(sorted(counts.items())) for component, counts in sorted(found.items())}
 
     def alphas(self) -> list[float]:
         return sorted({weights.alpha for weights in self.modules.values() if weights.alpha is not None})
@@ -359,6 +370,16 @@ class AdapterState:
             component, path = split_module_key(module_key)
             found[component].add(layer_name(path))
         return {component: sorted(names) for component, names in sorted(found.items())}
+
+    def lora_only_problem(self, target: str) -> str | None:
+        """Why ``target`` (a format or command holding plain LoRA only) cannot take this adapter: the first module of
+        another kind, or with a DoRA magnitude, named; ``None`` when every module is a plain LoRA/LoCon."""
+        for module_key, weights in self.modules.items():
+            if weights.kind != "lora" or weights.dora_scale is not None:
+                kind = weights.kind + (" with DoRA" if weights.dora_scale is not None else "")
+                return (f"module {module_key!r} is {kind}, and {target} holds LoRA only "
+                        "(kohya files keep every kind: --to kohya)")
+        return None
 
     def skipped_summary(self, limit: int = 5) -> str:
         """``N keys difflora cannot apply: a, b, …`` naming at most ``limit`` of :attr:`skipped`."""

@@ -47,6 +47,8 @@ def describe_adapter(state: AdapterState) -> dict:
         "use_rslora": any(weights.use_rslora for weights in state.modules.values()),
         "modules": len(state.modules),
         "modules_per_component": state.modules_per_component(),
+        "algorithms": state.kinds(),
+        "layer_kinds": state.layer_kinds(),
         "targets": state.targets(),
         "skipped": list(state.skipped),
         "trigger_words": trigger_words(state.metadata),
@@ -74,12 +76,16 @@ def _training(metadata: dict[str, str]) -> str | None:
 def summary_rows(summary: dict) -> list[tuple[str, str]]:
     """``describe_adapter``'s summary as (label, value) lines, the rows both ``inspect`` and the UI show."""
     per_component = summary["modules_per_component"]
+    layers = "; ".join(f"{component}: " + ", ".join(f"{kind} {count}" for kind, count in kinds.items())
+                       for component, kinds in summary.get("layer_kinds", {}).items())
     rows = [
         ("format", summary["format"]),
+        ("algorithms", ", ".join(summary.get("algorithms", [])) or "lora"),
         ("ranks", ", ".join(map(str, summary["ranks"]))),
         ("alphas", ", ".join(f"{alpha:g}" for alpha in summary["alphas"])),
         ("rsLoRA", "yes" if summary["use_rslora"] else "no"),
         ("modules", ", ".join(f"{component}: {count}" for component, count in per_component.items())),
+        ("layers", layers),
         ("targets", ", ".join(f"{component}: {'/'.join(names)}" for component, names in summary["targets"].items())),
     ]
     metadata = summary["metadata"]

@@ -163,3 +163,24 @@ def test_a_full_diff_changes_the_bias_too(pipe, tiny_model_dir):
     assert_close(outputs(pipe)[:1], outputs(reference)[:1], base[:1])
     runtime.unfuse()
     assert torch.equal(layer.bias, bias)
+
+
+def test_every_kind_goes_through_kohya_files_and_diffusers_formats_refuse_what_they_cannot_hold(pipe, tmp_path):
+    from difflora.cli import main
+    from difflora.formats import read_adapter, write_adapter
+
+    modules = {}
+    for seed, (kind, key) in enumerate(zip(KINDS, LAYERS)):
+        modules[key] = update_of(kind, tuple(layer_of(pipe, key).weight.shape), seed * 7)[0]
+    state = AdapterState(modules=modules)
+    path = write_adapter(state, tmp_path / "kinds.safetensors", layout="kohya")
+    again = read_adapter(path)
+    assert {key: module.kind for key, module in again.modules.items()} == {
+        key: module.kind for key, module in modules.items()}
+    for key, module in modules.items():  # lossless: the same update, the same DoRA magnitude
+        torch.testing.assert_close(again.modules[key].delta_weight(), module.delta_weight(), rtol=0, atol=0)
+        assert (again.modules[key].dora_scale is None) == (module.dora_scale is None)
+    for to in ("diffusers", "peft", "difflora"):
+        out = tmp_path / ("peft-out" if to == "peft" else f"{to}.safetensors")
+        assert main(["convert", str(path), "--to", to, "--out", str(out)]) == 2
+        assert not out.exists()

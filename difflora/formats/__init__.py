@@ -167,7 +167,10 @@ def write_adapter(
     ``difflora.alphas``, ``difflora.targets`` and anything in ``state.metadata`` or ``metadata``.
 
     Raises:
-        AdapterFileError: a path not ending in ``.safetensors``, an unknown layout, or an adapter with no modules.
+        AdapterFileError: a path not ending in ``.safetensors``, an unknown layout, an adapter with no modules, or one
+            that reading would refuse (:meth:`~difflora.adapter.AdapterState.problem`: NaN or inf, misshapen
+            factors, ...), so that difflora never writes a file it would not read; one line naming the path and the
+            module, nothing written.
     """
     path = Path(path)
     if path.suffix.lower() != ".safetensors":
@@ -176,6 +179,11 @@ def write_adapter(
         raise AdapterFileError(f"{path}: layout {layout!r} is not one of {', '.join(WRITE_LAYOUTS)}")
     if not state.modules:
         raise AdapterFileError(f"{path}: the adapter has no modules; nothing to write")
+    problem = state.problem()  # the check every read runs
+    if problem:
+        raise AdapterFileError(f"{path}: not written: the adapter's {problem}")
+    if layout != "kohya" and state.lora_only_problem(f"a {layout} file"):
+        raise AdapterFileError(f"{path}: not written: {state.lora_only_problem(f'a {layout} file')}")
     header = _difflora_header(state, metadata)
     tensors, layout_header = WRITERS[layout].file_contents(state, title=path.stem)
     header.update(layout_header)

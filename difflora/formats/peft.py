@@ -143,13 +143,17 @@ def write_peft_folder(state: AdapterState, folder: str | os.PathLike) -> Path:
     The folder is built beside ``folder`` and renamed into place, so a failure leaves nothing behind.
 
     Raises:
-        AdapterFileError: ``folder`` exists and is not an empty folder, or the adapter has no modules.
+        AdapterFileError: ``folder`` exists and is not an empty folder, the adapter has no modules, or reading would
+            refuse it (:meth:`~difflora.adapter.AdapterState.problem`); one line naming the folder and the module.
     """
     folder = Path(folder)
     if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
         raise AdapterFileError(f"{folder}: exists; give a new folder for the PEFT output")
     if not state.modules:
         raise AdapterFileError(f"{folder}: the adapter has no modules; nothing to write")
+    problem = state.problem() or state.lora_only_problem("a PEFT folder")  # never write what reading refuses
+    if problem:
+        raise AdapterFileError(f"{folder}: not written: the adapter's {problem}")
     flat = diffusers.diffusers_lora_metadata(state)
     base_model = state.metadata.get("difflora.base_model")
     header = {"format": "pt", "difflora.version": _version.__version__}
