@@ -10,6 +10,7 @@ model, one an SD or SDXL UNet has (:data:`SD_UNET_BLOCKS`).
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ _PER_BLOCK = re.compile(r"(down|up)\.\d+")
 _UNET_BLOCK = re.compile(r"^(down_blocks|up_blocks)\.(\d+)\.|^(mid_block)\.")
 
 
+@functools.lru_cache(maxsize=65536)  # asked per branch per adapter whenever a weight changes
 def block_of(component: str, path: str) -> tuple[str, int | None]:
     """``(kind, index)`` of a module path: ``("down", 1)``, ``("mid", None)``, ``("up", 0)`` or ``("text", None)``."""
     if component != "unet":

@@ -120,6 +120,22 @@ def stored_weight(layer: nn.Module) -> torch.Tensor:
     return layer.weight
 
 
+def _all_finite(tensor: torch.Tensor) -> bool:
+    """Whether every entry is finite. A NaN or inf makes the fp32 sum non-finite, so the sum (one read) decides;
+    only a sum overflowing from finite entries needs the entrywise check."""
+    return bool(torch.isfinite(tensor.sum(dtype=torch.float32))) or bool(torch.isfinite(tensor).all())
+
+
+def _put_back(parameter: torch.Tensor, original: torch.Tensor) -> None:
+    """Put ``original`` back as ``parameter``'s values: its very tensor when it still fits (same shape, dtype and
+    device), else copied in (the model was moved or cast while fused)."""
+    current = parameter.data
+    if (original.shape, original.dtype, original.device) == (current.shape, current.dtype, current.device):
+        parameter.data = original
+    else:
+        current.copy_(original)
+
+
 def _conv_down(factors: LoRAFactors) -> torch.Tensor:
     """``A`` as an fp32 matrix r × (in·kh·kw), a Tucker core folded in."""
     return fold_tucker_core(factors.down, factors.mid).float().flatten(1)
@@ -181,9 +197,10 @@ class MultiLoRA(nn.Module):
             self._stack_key, self._active = None, None
 
     def set_multiplier(self, name: str, multiplier: float) -> None:
-        if name in self.adapters:
-            self.multipliers[name] = float(multiplier)
-            self._active = None
+        multiplier = float(multiplier)
+        if self.multipliers.get(name, multiplier) != multiplier:  # held exactly for the adapters on this layer
+            self.multipliers[name] = multiplier
+            self.__dict__["_active"] = None  # a plain attribute: skip nn.Module.__setattr__, asked per branch
 
     def active(self) -> list[ActiveAdapter]:
         """The adapters with a non-zero multiplier (kept until an adapter or a multiplier changes: asked per call)."""
@@ -284,7 +301,8 @@ class MultiLoRA(nn.Module):
                 merged = merged + sum(a.factors.delta_weight() * a.multiplier for a in mix.low_rank)
             else:
                 down_stack, up_stack = self._stacked(mix, torch.float32, weight.device)
-                merged = merged + (up_stack @ down_stack).reshape(weight.shape)
+                # W + U D in one kernel: no ΔW-sized temporary
+                merged = torch.addmm(merged.reshape(weight.shape[0], -1), up_stack, down_stack).reshape(weight.shape)
         for adapter in mix.others:
             delta = adapter.factors.delta_weight().reshape(weight.shape)
             magnitude = _magnitude(adapter.factors)
@@ -378,27 +396,33 @@ class MultiLoRA(nn.Module):
     # ----- fusing ---------------------------------------------------------------------------------------------
     def fuse(self, base: nn.Linear | nn.Conv2d) -> None:
         """Write the active mix into ``base``'s weight (and bias, for full diffs) and keep the originals for
-        :meth:`unfuse`."""
+        :meth:`unfuse`.
+
+        The fused weight is a new tensor put in the parameter's place and the original tensor is kept as it is, not
+        copied: fusing costs one pass to make the fused weight and one to check it, and unfusing puts the original
+        back without touching its values.
+        """
         if self.fused:
             raise RuntimeError("already fused; unfuse first")
         weight = stored_weight(base)
         self.check_range(weight.dtype, FuseError)
         mix = self.snapshot()
-        original = weight.detach().clone()
         bias_delta = self.bias_delta(mix)
         if bias_delta is not None and base.bias is None:
             raise FuseError(f"{self.module or 'this layer'}: a full diff changes a bias the layer does not have")
+        original = weight.data
         if mix is not None:
             with torch.no_grad():
                 fused = self.merged_weight(original, mix=mix)
-            if not torch.isfinite(fused).all():
+                if fused.data_ptr() == original.data_ptr():
+                    fused = fused.clone()  # nothing to add here: still never alias the kept original
+            if not _all_finite(fused):
                 raise FuseError(f"fusing would write NaN/inf into a {tuple(original.shape)} {original.dtype} weight "
                                 "(weights too large for its precision); nothing was changed")
-            with torch.no_grad():
-                weight.copy_(fused)
-                if bias_delta is not None:
-                    self.register_buffer("original_bias", base.bias.detach().clone(), persistent=False)
-                    base.bias.copy_((base.bias.float() + bias_delta).to(base.bias.dtype))
+            weight.data = fused
+            if bias_delta is not None:
+                self.register_buffer("original_bias", base.bias.data, persistent=False)
+                base.bias.data = (base.bias.data.float() + bias_delta).to(base.bias.dtype)
         # A non-persistent buffer follows .to(device) with the module and stays out of state_dict().
         self.register_buffer("original_weight", original, persistent=False)
         self.fused = True
@@ -408,9 +432,9 @@ class MultiLoRA(nn.Module):
         if not self.fused:
             return
         with torch.no_grad():
-            stored_weight(base).copy_(self.original_weight)
+            _put_back(stored_weight(base), self.original_weight)
             if "original_bias" in self._buffers:
-                base.bias.copy_(self.original_bias)
+                _put_back(base.bias, self.original_bias)
         self._forget_original()
 
     def commit_fuse(self) -> None:

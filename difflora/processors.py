@@ -303,16 +303,21 @@ class InstalledProcessors:
         self.hosts = hosts
         self.layer_hosts: dict[str, LayerHost] = {}  # module key → the host of a layer outside attention
         self._original_unet_processors = original_unet_processors
+        self._branch_list: list[tuple[str, MultiLoRA, nn.Linear | nn.Conv2d]] | None = None
 
-    def branches(self) -> Iterator[tuple[str, MultiLoRA, nn.Linear | nn.Conv2d]]:
+    def branches(self) -> list[tuple[str, MultiLoRA, nn.Linear | nn.Conv2d]]:
         """(module key, branch, adapted layer) for every projection of every attention host, then every layer
-        host."""
-        for site_key, host in self.hosts.items():
-            for projection, branch, layer in host.projection_branches(self.sites[site_key].attention):
+        host. Listed once and kept until a layer host comes or goes: setting weights walks it per adapter."""
+        if self._branch_list is None:
+            listed = []
+            for site_key, host in self.hosts.items():
                 site = self.sites[site_key].site
-                yield join_module_key(site.component, site.path, projection), branch, layer
-        for module_key, layer_host in self.layer_hosts.items():
-            yield module_key, layer_host.branch, layer_host.site.layer
+                for projection, branch, layer in host.projection_branches(self.sites[site_key].attention):
+                    listed.append((join_module_key(site.component, site.path, projection), branch, layer))
+            for module_key, layer_host in self.layer_hosts.items():
+                listed.append((module_key, layer_host.branch, layer_host.site.layer))
+            self._branch_list = listed
+        return self._branch_list
 
     def host_layers(self, layers: list[LayerSite]) -> None:
         """Put a host on each of ``layers`` that has none yet (build all first, then install: nothing half done)."""
@@ -320,6 +325,7 @@ class InstalledProcessors:
         for module_key, layer_host in new.items():
             layer_host.install()
             self.layer_hosts[module_key] = layer_host
+        self._branch_list = None
 
     def drop_idle_layer_hosts(self) -> None:
         """Remove the hosts of layers no adapter is on any more, so an unused layer costs nothing."""
@@ -327,6 +333,7 @@ class InstalledProcessors:
             if not len(layer_host.branch.adapters):
                 layer_host.uninstall()
                 del self.layer_hosts[module_key]
+                self._branch_list = None
 
     def restore(self) -> None:
         for site_key, host in self.hosts.items():
@@ -337,6 +344,7 @@ class InstalledProcessors:
             layer_host.uninstall()
         self.unet.set_attn_processor(self._original_unet_processors)
         self.hosts, self.layer_hosts = {}, {}
+        self._branch_list = None
 
 
 def install_processors(unet: nn.Module, sites: dict[str, SiteOnModel]) -> InstalledProcessors:

@@ -159,12 +159,14 @@ class LoRARuntime:
             if name in branch.adapters:
                 yield module_key, branch.adapters[name]
 
-    def _refresh_multipliers(self, name: str) -> None:
-        info = self._adapters[name]
+    def _refresh_multipliers(self, *names: str) -> None:
+        """Give each branch the multiplier of each of ``names``: weight × the branch's block factor (0 when off)."""
+        infos = [(name, self._adapters[name]) for name in names]
         for module_key, branch, _ in self._branches():
             component, _, path = module_key.partition(".")
-            factor = info.block_weights.factor(component, path) if info.enabled else 0.0
-            branch.set_multiplier(name, info.weight * factor)
+            for name, info in infos:
+                factor = info.block_weights.factor(component, path) if info.enabled else 0.0
+                branch.set_multiplier(name, info.weight * factor)
 
     @contextlib.contextmanager
     def _changing(self) -> Iterator[None]:
@@ -398,7 +400,7 @@ class LoRARuntime:
         with self._changing():
             for name, weight in checked.items():
                 self._adapters[name] = replace(self._adapters[name], weight=weight)
-                self._refresh_multipliers(name)
+            self._refresh_multipliers(*checked)
 
     def set_block_weights(self, name: str, block_weights: BlockWeights) -> None:
         """Set one adapter's block weights; per-block names must be blocks of this UNet."""

@@ -160,6 +160,25 @@ def test_fuse_unfuse_restores_weights_bit_exactly(tiny_model_dir, dtype):
     assert changed and all(name.rsplit(".", 2)[-2] in ("to_q", "to_k", "to_v", "0") for name in changed)
 
 
+def test_fuse_keeps_the_original_tensor_and_unfuse_survives_a_cast_while_fused(tiny_model_dir):
+    """Fusing puts a new tensor in each adapted weight's place and keeps the original as it is (no copy): unfuse
+    gives back the very tensor. Cast while fused, the kept original is cast with the model and copied back."""
+    pipe = load_pipeline(tiny_model_dir, quiet=True)
+    runtime = LoRARuntime.attach(pipe)
+    runtime.add_adapter("a", random_adapter(pipe, 4, 8, seed=6), weight=0.7)
+    layer = pipe.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q
+    original = layer.weight.data
+    runtime.fuse()
+    assert layer.weight.data_ptr() != original.data_ptr() and not torch.equal(layer.weight, original)
+    runtime.unfuse()
+    assert layer.weight.data_ptr() == original.data_ptr()
+    kept = original.clone()
+    runtime.fuse()
+    pipe.unet.to(torch.float64)
+    runtime.unfuse()
+    assert layer.weight.dtype == torch.float64 and torch.equal(layer.weight, kept.double())
+
+
 def test_fused_image_equals_unfused_image(pipe):
     runtime = LoRARuntime.attach(pipe)
     runtime.add_adapter("a", random_adapter(pipe, 4, 8, seed=8), weight=0.7)
