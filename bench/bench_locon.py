@@ -1,10 +1,12 @@
 """LoCon at SD 1.5 size: difflora against diffusers+PEFT with the same four kohya files, side by side in one run.
 
-    python bench/bench_locon.py                 # SD 1.5 UNet config (random weights), 32×32 latents, rank 16
-    python bench/bench_locon.py --config tiny   # the embedded tiny model's UNet, for a quick look
+    python bench/bench_locon.py                     # SD 1.5 UNet config (random weights), 32×32 latents, rank 16
+    python bench/bench_locon.py --layers attention  # four rank-32 files on the attention projections only
+    python bench/bench_locon.py --config tiny       # the embedded tiny model's UNet, for a quick look
 
 Four kohya-default LoCon adapters (every Linear of the transformer blocks, every conv of the resnets and samplers,
-3×3 convs at conv_dim = rank) written as kohya files, then:
+3×3 convs at conv_dim = rank), or with ``--layers attention`` four LoRAs on ``to_q/to_k/to_v/to_out.0`` only,
+written as kohya files, then:
 
 * loading: ``read_adapter`` + ``LoRARuntime.add_adapter`` against diffusers' ``load_lora_weights``;
 * one UNet forward (batch 2): base, difflora unfused, difflora fused, diffusers unfused (``set_adapters``);
@@ -40,15 +42,22 @@ SD15_UNET = dict(
 )
 WEIGHTS = (0.7, -0.3, 0.5, 0.2)
 KOHYA_CONTAINERS = (".attentions.", ".resnets.", ".downsamplers.", ".upsamplers.")  # kohya's LoCon targets
+ATTENTION_PROJECTIONS = (".to_q", ".to_k", ".to_v", ".to_out.0")
 
 
-def kohya_default_locon(unet: UNet2DConditionModel, rank: int, seed: int) -> AdapterState:
-    """Random (non-zero) factors on every Linear and Conv2d kohya's LoCon targets."""
+def targeted(name: str, layer: torch.nn.Module, layers: str) -> bool:
+    if layers == "attention":
+        return isinstance(layer, torch.nn.Linear) and name.endswith(ATTENTION_PROJECTIONS)
+    return isinstance(layer, (torch.nn.Linear, torch.nn.Conv2d)) and any(c in f".{name}" for c in KOHYA_CONTAINERS)
+
+
+def kohya_default_locon(unet: UNet2DConditionModel, rank: int, seed: int, layers: str = "locon") -> AdapterState:
+    """Random (non-zero) factors on every Linear and Conv2d kohya's LoCon targets (``layers="locon"``) or on the
+    attention projections (``layers="attention"``)."""
     generator = torch.Generator().manual_seed(seed)
     modules = {}
     for name, layer in unet.named_modules():
-        if not isinstance(layer, (torch.nn.Linear, torch.nn.Conv2d)) or not any(c in f".{name}" for c in
-                                                                               KOHYA_CONTAINERS):
+        if not targeted(name, layer, layers):
             continue
         shape = tuple(layer.weight.shape)
         down = torch.randn(rank, *shape[1:], generator=generator) / (shape[1] * (shape[2] * shape[3]
@@ -65,6 +74,15 @@ def timed(function, repeat: int = 1) -> float:
         function()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def fuse_then_unfuse(fuse, unfuse, repeat: int = 3) -> tuple[float, float]:
+    """Median seconds of ``fuse`` and of ``unfuse``, each timed on its own, alternating."""
+    fuse_times, unfuse_times = [], []
+    for _ in range(repeat):
+        fuse_times.append(timed(fuse))
+        unfuse_times.append(timed(unfuse))
+    return statistics.median(fuse_times), statistics.median(unfuse_times)
 
 
 def build_pipelines(config: str):
@@ -84,16 +102,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", choices=("sd15", "tiny"), default="sd15")
     parser.add_argument("--latent-size", type=int, default=32)
-    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--layers", choices=("locon", "attention"), default="locon")
+    parser.add_argument("--rank", type=int, default=None, help="default: 16 for locon, 32 for attention")
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
+    args.rank = args.rank or (32 if args.layers == "attention" else 16)
     torch.set_flush_denormal(True)  # see bench_inference.py: random weights make denormals
     base_unet, (ours, theirs) = build_pipelines(args.config)
     folder = Path(tempfile.mkdtemp(prefix="difflora-locon-bench-"))
     files = []
     for index in range(4):
         path = folder / f"locon{index}.safetensors"
-        save_file(to_kohya_state_dict(kohya_default_locon(base_unet, args.rank, seed=index)), str(path))
+        state = kohya_default_locon(base_unet, args.rank, seed=index, layers=args.layers)
+        save_file(to_kohya_state_dict(state), str(path))
         files.append(path)
     modules = len(read_adapter(files[0]).modules)
 
@@ -123,12 +144,12 @@ def main() -> None:
         forward(ours.unet)
         samples["difflora fused"].append(timed(lambda: forward(ours.unet)))
         runtime.unfuse()
-    fuse_ours = timed(lambda: (runtime.fuse(), runtime.unfuse()), repeat=3)
-    fuse_theirs = timed(lambda: (theirs.fuse_lora(adapter_names=names), theirs.unfuse_lora()), repeat=3)
+    fuse_ours, unfuse_ours = fuse_then_unfuse(runtime.fuse, runtime.unfuse)
+    fuse_theirs, unfuse_theirs = fuse_then_unfuse(lambda: theirs.fuse_lora(adapter_names=names), theirs.unfuse_lora)
     weights_ours = timed(lambda: runtime.set_weights(dict(zip(names, reversed(WEIGHTS)))), repeat=20)
     weights_theirs = timed(lambda: theirs.set_adapters(names, list(reversed(WEIGHTS))), repeat=20)
 
-    print(f"UNet config: {args.config}, latents 2×4×{args.latent_size}×{args.latent_size}, 4 LoCon files of "
+    print(f"UNet config: {args.config}, latents 2×4×{args.latent_size}×{args.latent_size}, 4 {args.layers} files of "
           f"{modules} modules at rank {args.rank}, {args.rounds} rounds, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}, {platform.processor() or platform.machine()}")
     print(f"max |difflora − diffusers| on the 4-adapter output: {difference:.2e}")
@@ -137,8 +158,9 @@ def main() -> None:
         print(f"{name:28s} {statistics.median(times):8.4f} s  {statistics.median(times) / base:6.3f}× base")
     print(f"loading 4 files: difflora {load_ours:.2f} s, diffusers {load_theirs:.2f} s "
           f"({load_ours / load_theirs:.2f}×)")
-    print(f"fuse + unfuse: difflora {fuse_ours:.2f} s, diffusers {fuse_theirs:.2f} s "
-          f"({fuse_ours / fuse_theirs:.2f}×)")
+    print(f"fuse: difflora {fuse_ours:.3f} s, diffusers fuse_lora {fuse_theirs:.3f} s "
+          f"({fuse_ours / fuse_theirs:.2f}×); "
+          f"unfuse: difflora {unfuse_ours:.3f} s, diffusers {unfuse_theirs:.3f} s")
     print(f"setting 4 weights: difflora {weights_ours * 1e3:.2f} ms, diffusers {weights_theirs * 1e3:.2f} ms")
 
 
