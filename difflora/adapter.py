@@ -372,13 +372,25 @@ class AdapterState:
         return {component: sorted(names) for component, names in sorted(found.items())}
 
     def lora_only_problem(self, target: str) -> str | None:
-        """Why ``target`` (a format or command holding plain LoRA only) cannot take this adapter: the first module of
-        another kind, or with a DoRA magnitude, named; ``None`` when every module is a plain LoRA/LoCon."""
+        """Why ``target`` (a format holding LoRA and PEFT's DoRA only: diffusers files, PEFT folders) cannot take this
+        adapter, the first module it cannot hold named: one of another kind, a DoRA magnitude per input column (PEFT's
+        is per output row), or a component with DoRA on some modules only (PEFT's ``use_dora`` is one switch per
+        LoraConfig, one config per component); ``None`` when it holds every module."""
+        first_of_component: dict[str, tuple[str, bool]] = {}
         for module_key, weights in self.modules.items():
-            if weights.kind != "lora" or weights.dora_scale is not None:
-                kind = weights.kind + (" with DoRA" if weights.dora_scale is not None else "")
-                return (f"module {module_key!r} is {kind}, and {target} holds LoRA only "
+            dora = weights.dora_scale is not None
+            if weights.kind != "lora":
+                kind = weights.kind + (" with DoRA" if dora else "")
+                return (f"module {module_key!r} is {kind}, and {target} holds LoRA and DoRA only "
                         "(kohya files keep every kind: --to kohya)")
+            if dora and not weights.wd_on_output:
+                return (f"module {module_key!r} has a DoRA magnitude per input column, and {target} holds DoRA per "
+                        "output row only (kohya files keep it: --to kohya)")
+            first_key, first_dora = first_of_component.setdefault(module_key.partition(".")[0], (module_key, dora))
+            if dora != first_dora:
+                plain, with_dora = (first_key, module_key) if dora else (module_key, first_key)
+                return (f"module {plain!r} has no DoRA magnitude and {with_dora!r} has one, and {target} holds DoRA "
+                        "on every module of a component or none (kohya files keep both: --to kohya)")
         return None
 
     def skipped_summary(self, limit: int = 5) -> str:

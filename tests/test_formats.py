@@ -162,16 +162,16 @@ def test_legacy_layouts_read_as_the_same_adapter(pipe, tmp_path):
 
 
 def test_unreadable_keys_are_reported_not_dropped(pipe, tmp_path):
-    """A DoRA module's factors without its magnitude are another update: the whole module is skipped, named key by
-    key, and the rest of the file is read."""
+    """A module's factors beside a LoRA bias (PEFT's ``lora_bias``) are another update: the whole module is skipped,
+    named key by key, and the rest of the file is read."""
     state = mixed_adapter(pipe)
     tensors = formats.to_diffusers_state_dict(state)
-    dora = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
-    tensors[f"{dora}.lora_magnitude_vector"] = torch.ones(32)
-    save_file(tensors, str(tmp_path / "dora.safetensors"))
-    loaded = read_adapter(tmp_path / "dora.safetensors")
-    assert sorted(loaded.skipped) == [f"{dora}.lora_A.weight", f"{dora}.lora_B.weight", f"{dora}.lora_magnitude_vector"]
-    assert set(loaded.modules) == set(state.modules) - {dora}
+    biased = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    tensors[f"{biased}.lora_B.bias"] = torch.ones(32)
+    save_file(tensors, str(tmp_path / "biased.safetensors"))
+    loaded = read_adapter(tmp_path / "biased.safetensors")
+    assert sorted(loaded.skipped) == [f"{biased}.lora_A.weight", f"{biased}.lora_B.bias", f"{biased}.lora_B.weight"]
+    assert set(loaded.modules) == set(state.modules) - {biased}
 
 
 TO_Q = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"

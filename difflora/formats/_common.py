@@ -1,5 +1,6 @@
 """What the dialects share: reading a ``.safetensors`` file with one-line errors, gathering a module's factors, reading
-an alpha, folding a Tucker core for dialects that have none, and the text-encoder path spelling written files use."""
+an alpha, folding a Tucker core for dialects that have none, PEFT's DoRA magnitude as files hold it, and the
+text-encoder path spelling written files use."""
 
 from __future__ import annotations
 
@@ -12,7 +13,16 @@ from ..adapter import LoRAModuleWeights, factor_shape_problem
 from ..errors import AdapterFileError, first_line
 from ..lora import fold_tucker_core
 
-__all__ = ["alpha_value", "factors_without_core", "file_module_path", "read_safetensors", "require_factors"]
+__all__ = [
+    "alpha_value",
+    "factors_without_core",
+    "file_module_path",
+    "magnitude_as_read",
+    "magnitude_key",
+    "peft_magnitude",
+    "read_safetensors",
+    "require_factors",
+]
 
 
 def _pickle_kind(path: Path) -> str | None:
@@ -90,6 +100,37 @@ def factors_without_core(weights: LoRAModuleWeights) -> tuple[torch.Tensor, torc
     """``(down, up)`` of a module for dialects with no Tucker core (diffusers, PEFT): a core ``mid`` is folded into
     down (:func:`~difflora.lora.fold_tucker_core`: the same update at the same rank)."""
     return fold_tucker_core(weights.down, weights.mid), weights.up
+
+
+def peft_magnitude(weights: LoRAModuleWeights) -> torch.Tensor | None:
+    """A module's DoRA magnitude as PEFT's ``lora_magnitude_vector`` holds it, or ``None``: one value per output row,
+    ``(out,)`` on a Linear and ``(1, out, 1, 1)`` on a Conv2d (PEFT's ``DoraConv2dLayer`` keeps the norm in the
+    layout of a conv output, and loads a parameter only of its own shape). The caller has checked that the magnitude
+    is per output row (:meth:`~difflora.adapter.AdapterState.lora_only_problem`)."""
+    if weights.dora_scale is None:
+        return None
+    out_features = weights.weight_shape[0]
+    shape = (1, out_features, 1, 1) if len(weights.weight_shape) == 4 else (out_features,)
+    return weights.dora_scale.detach().reshape(shape).contiguous()
+
+
+def magnitude_key(component: str, prefix: str) -> str:
+    """The key of a module's DoRA magnitude as difflora writes it (``prefix`` is the module's key prefix): PEFT's own
+    spelling ``<prefix>.lora_magnitude_vector`` in a UNet, which every PEFT version reads, and
+    ``<prefix>.lora_magnitude_vector.weight`` in a text encoder: transformers' adapter loader (what diffusers'
+    ``load_lora_weights`` and ``CLIPTextModel.load_adapter`` use) renames only the ``lora_*`` part of a key, so it
+    misses PEFT's spelling and runs the text encoder with magnitudes rebuilt from its base weights (transformers 5.23,
+    peft 0.21), while PEFT 0.12 and later read both spellings."""
+    return f"{prefix}.lora_magnitude_vector" + (".weight" if component.startswith("text_encoder") else "")
+
+
+def magnitude_as_read(magnitude: torch.Tensor, out_features: int) -> torch.Tensor:
+    """PEFT's ``lora_magnitude_vector`` as one value per output row, ``(out,)``, from any layout of ``out_features``
+    values in one axis (``(out,)``, PEFT's conv ``(1, out, 1, 1)``); any other tensor is kept as it is, so that the
+    check of every read names its shape (:func:`~difflora.adapter.dora_problem`)."""
+    if magnitude.numel() == out_features and max(magnitude.shape, default=1) == out_features:
+        return magnitude.flatten()
+    return magnitude
 
 
 def file_module_path(component: str, path: str) -> str:

@@ -1,7 +1,14 @@
 """The diffusers dialect: PEFT-style ``<component>.<path>.lora_A.weight`` / ``.lora_B.weight`` keys, what
 ``save_lora_weights`` and diffusers' training scripts write, and what difflora writes (layouts ``difflora`` and
-``diffusers``). Any layer path is read as the file spells it, a Conv2d's factors 4-D as PEFT's conv LoRA holds them;
-a module holding more than its factors (a DoRA ``lora_magnitude_vector``, a ``lora_B.bias``) is skipped whole.
+``diffusers``). Any layer path is read as the file spells it, a Conv2d's factors 4-D as PEFT's conv LoRA holds them.
+
+PEFT's DoRA (``use_dora``) is read and written: ``<path>.lora_magnitude_vector`` beside the factors, one value per
+output row (``(out,)`` on a Linear, ``(1, out, 1, 1)`` on a Conv2d), the norm that of ``W + s·BA`` with PEFT's
+scale ``s`` (``lora_alpha / r``, ``/ sqrt(r)`` under rsLoRA); PEFT switches DoRA on per LoraConfig, so every
+module of a component has a magnitude or none does. Text encoders' magnitudes are written
+``lora_magnitude_vector.weight``, which diffusers loads where it misses PEFT's spelling
+(:func:`~._common.magnitude_key`). A module holding anything else beside its factors (a ``lora_B.bias``) is skipped
+whole.
 
 Alphas come from ``.alpha`` keys, else from diffusers' ``lora_adapter_metadata`` header entry (a LoraConfig per
 component, flattened as ``<component>.<option>``), resolved per module as PEFT resolves ``alpha_pattern``; a file with
@@ -23,7 +30,15 @@ from ..adapter import AdapterState, LoRAModuleWeights
 from ..errors import AdapterFileError
 from ..keys import COMPONENTS
 from . import legacy
-from ._common import alpha_value, factors_without_core, file_module_path, require_factors
+from ._common import (
+    alpha_value,
+    factors_without_core,
+    file_module_path,
+    magnitude_as_read,
+    magnitude_key,
+    peft_magnitude,
+    require_factors,
+)
 
 __all__ = [
     "DIFFUSERS",
@@ -49,13 +64,17 @@ DIFFUSERS_WEIGHTS_FILE = "pytorch_lora_weights.safetensors"
 _LORA_A = re.compile(r"^(.+)\.lora_A(?:\.[A-Za-z0-9_-]+)?\.weight$")
 _LORA_B = re.compile(r"^(.+)\.lora_B(?:\.[A-Za-z0-9_-]+)?\.weight$")
 _ALPHA = re.compile(r"^(.+)\.alpha$")
+# PEFT saves `lora_magnitude_vector`; a model's own state dict holds `lora_magnitude_vector.<adapter>.weight` (PEFT
+# 0.12 and later) or `lora_magnitude_vector.<adapter>` (PEFT 0.9 to 0.11, a ParameterDict).
+_MAGNITUDE = re.compile(r"^(.+)\.lora_magnitude_vector(?:\.[A-Za-z0-9_-]+)?(?:\.weight)?$")
 
 
 def _match_peft_key(rest: str) -> tuple[str, str, str] | None:
-    """``(module path, 'diffusers', 'down'|'up')`` of a ``lora_A``/``lora_B`` key (component prefix removed)."""
-    for pattern, factor in ((_LORA_A, "down"), (_LORA_B, "up")):
+    """``(module path, 'diffusers', 'down'|'up'|'magnitude')`` of a ``lora_A``/``lora_B``/``lora_magnitude_vector``
+    key (component prefix removed); a magnitude on an attention's ``to_out`` list is :mod:`.legacy`'s."""
+    for pattern, factor in ((_LORA_A, "down"), (_LORA_B, "up"), (_MAGNITUDE, "magnitude")):
         match = pattern.match(rest)
-        if match:
+        if match and not (factor == "magnitude" and match.group(1).endswith(".to_out")):
             return match.group(1), DIFFUSERS, factor
     return None
 
@@ -130,18 +149,49 @@ def _diffusers_alpha(config: dict, module_key: str, rank: int, source: str) -> t
         alpha = rank
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
         raise AdapterFileError(f"{source}: module {module_key!r} has LoraConfig alpha {alpha!r:.40}, not a number")
-    return float(alpha), _use_rslora(config, source)
+    return float(alpha), _config_flag(config, "use_rslora", source)
 
 
-def _use_rslora(config: dict, source: str) -> bool:
-    """The LoraConfig's ``use_rslora``: a JSON boolean, or the text true/false (any case) some exporters write; any
-    other value (``"no"``, 0, null) is refused rather than guessed (``bool("false")`` is True)."""
-    value = config.get("use_rslora", False)
+def _config_flag(config: dict, option: str, source: str) -> bool:
+    """A LoraConfig switch (``use_rslora``, ``use_dora``; absent: false): a JSON boolean, or the text true/false (any
+    case) some exporters write; any other value (``"no"``, 0, null) is refused rather than guessed (``bool("false")``
+    is True)."""
+    value = config.get(option, False)
     if isinstance(value, bool):
         return value
     if isinstance(value, str) and value.strip().lower() in ("true", "false"):
         return value.strip().lower() == "true"
-    raise AdapterFileError(f"{source}: LoraConfig use_rslora is {value!r:.40}, expected true or false")
+    raise AdapterFileError(f"{source}: LoraConfig {option} is {value!r:.40}, expected true or false")
+
+
+def _check_dora_switch(factors: dict[str, dict[str, torch.Tensor]], configs: dict[str, dict], source: str) -> None:
+    """Every module of a component has a DoRA magnitude or none has, as its LoraConfig's ``use_dora`` says when the
+    file carries one: PEFT and diffusers build a magnitude for every module of a ``use_dora`` config (from the base
+    weight, where the file has none) and ignore magnitudes otherwise, so a file that disagrees with itself is applied
+    by no tool as written.
+
+    Raises:
+        AdapterFileError: naming the first module out of step and what its LoraConfig or its component says.
+    """
+    by_component: dict[str, dict[str, bool]] = collections.defaultdict(dict)
+    for module_key in sorted(factors):
+        by_component[module_key.partition(".")[0]][module_key] = "magnitude" in factors[module_key]
+    for component, has_magnitude in by_component.items():
+        config = configs.get(component, {})
+        declared = _config_flag(config, "use_dora", source) if "use_dora" in config else None
+        with_magnitude = [key for key, has in has_magnitude.items() if has]
+        without = [key for key, has in has_magnitude.items() if not has]
+        if declared is False and with_magnitude:
+            raise AdapterFileError(f"{source}: module {with_magnitude[0]!r} has a DoRA magnitude "
+                                   "(lora_magnitude_vector), but its LoraConfig says use_dora false")
+        if without and (declared or with_magnitude):
+            others = len(with_magnitude)
+            reason = ("its LoraConfig says use_dora true" if declared
+                      else f"{others} other module{'s' if others != 1 else ''} of {component} "
+                           f"{'have' if others != 1 else 'has'} one")
+            raise AdapterFileError(
+                f"{source}: module {without[0]!r} has no DoRA magnitude (lora_magnitude_vector), but {reason}"
+            )
 
 
 def _component_configs(header: dict[str, str], source: str) -> dict[str, dict]:
@@ -240,7 +290,8 @@ def read_state_dict(tensors: dict[str, torch.Tensor], header: dict[str, str], so
     configs = _component_configs(header, source)
     modules: dict[str, LoRAModuleWeights] = {}
     for module_key in sorted(keys.factors):
-        down, up, _ = require_factors(source, module_key, keys.factors[module_key])
+        parts = keys.factors[module_key]
+        down, up, _ = require_factors(source, module_key, parts)
         rank = down.shape[0]
         component = module_key.partition(".")[0]
         use_rslora = False
@@ -249,7 +300,10 @@ def read_state_dict(tensors: dict[str, torch.Tensor], header: dict[str, str], so
         else:
             resolved = _diffusers_alpha(configs.get(component, {}), module_key, rank, source)
             alpha, use_rslora = resolved if resolved else (float(rank), False)
-        modules[module_key] = LoRAModuleWeights(down=down, up=up, alpha=alpha, use_rslora=use_rslora)
+        magnitude = magnitude_as_read(parts["magnitude"], up.shape[0]) if "magnitude" in parts else None
+        modules[module_key] = LoRAModuleWeights(down=down, up=up, alpha=alpha, use_rslora=use_rslora,
+                                                dora_scale=magnitude)
+    _check_dora_switch(keys.factors, configs, source)
 
     format_name = (+keys.formats).most_common(1)[0][0]
     if format_name == DIFFUSERS and header.get("difflora.format"):
@@ -263,8 +317,9 @@ def read_state_dict(tensors: dict[str, torch.Tensor], header: dict[str, str], so
 
 def to_diffusers_state_dict(state: AdapterState) -> dict[str, torch.Tensor]:
     """The tensors of the diffusers layout: ``<component>.<path>.lora_A.weight`` / ``.lora_B.weight``, 4-D on a
-    Conv2d as PEFT's conv LoRA holds them (A rank × in × kh × kw, B out × rank × 1 × 1); a Tucker core is folded
-    into A (:func:`~._common.factors_without_core`)."""
+    Conv2d as PEFT's conv LoRA holds them (A rank × in × kh × kw, B out × rank × 1 × 1), and a DoRA magnitude
+    (:func:`~._common.peft_magnitude`, :func:`~._common.magnitude_key`); a Tucker core is folded into A
+    (:func:`~._common.factors_without_core`)."""
     tensors = {}
     for module_key, weights in state.modules.items():
         component, _, path = module_key.partition(".")
@@ -272,6 +327,9 @@ def to_diffusers_state_dict(state: AdapterState) -> dict[str, torch.Tensor]:
         down, up = factors_without_core(weights)
         tensors[f"{prefix}.lora_A.weight"] = down.detach().contiguous()
         tensors[f"{prefix}.lora_B.weight"] = up.detach().contiguous()
+        magnitude = peft_magnitude(weights)
+        if magnitude is not None:
+            tensors[magnitude_key(component, prefix)] = magnitude
     return tensors
 
 
@@ -290,7 +348,8 @@ def _component_config(modules: dict[str, LoRAModuleWeights]) -> dict[str, object
         # Full module paths: PEFT then adapts exactly the modules the file holds.
         "target_modules": sorted(modules),
         "use_rslora": use_rslora,
-        "use_dora": False,
+        # PEFT's DoRA is all of a config's modules or none (AdapterState.lora_only_problem checks it before writing).
+        "use_dora": any(w.dora_scale is not None for w in modules.values()),
         "lora_bias": False,
         "init_lora_weights": True,
     }

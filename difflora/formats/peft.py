@@ -4,7 +4,8 @@
 difflora reads such a folder (honouring ``rank_pattern``, ``alpha_pattern`` and ``use_rslora``) and its own export:
 one PEFT folder per pipeline component (``FOLDER/unet``, ``FOLDER/text_encoder``), each loadable with
 ``peft.PeftModel.from_pretrained(pipe.unet, FOLDER / "unet")``. Any Linear or Conv2d is adapted (PEFT's conv LoRA:
-``lora_A`` rank × in × kh × kw, ``lora_B`` out × rank × 1 × 1; a Tucker core is folded into ``lora_A``).
+``lora_A`` rank × in × kh × kw, ``lora_B`` out × rank × 1 × 1; a Tucker core is folded into ``lora_A``), and DoRA
+(``use_dora``: ``lora_magnitude_vector`` per output row, read and written as :mod:`.diffusers` describes).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from ..adapter import AdapterState
 from ..errors import AdapterFileError, first_line
 from ..keys import COMPONENTS
 from . import diffusers
-from ._common import factors_without_core, file_module_path, read_safetensors
+from ._common import factors_without_core, file_module_path, magnitude_key, peft_magnitude, read_safetensors
 
 __all__ = ["PEFT", "PEFT_CONFIG_FILE", "PEFT_WEIGHTS_FILE", "holds_folder", "read_folder", "write_peft_folder"]
 
@@ -132,19 +133,24 @@ def _peft_tensors(state: AdapterState, component: str) -> dict[str, torch.Tensor
             down, up = factors_without_core(weights)  # PEFT's conv LoRA has no Tucker core
             tensors[f"base_model.model.{path}.lora_A.weight"] = down.detach().contiguous()
             tensors[f"base_model.model.{path}.lora_B.weight"] = up.detach().contiguous()
+            magnitude = peft_magnitude(weights)
+            if magnitude is not None:
+                tensors[magnitude_key(component, f"base_model.model.{path}")] = magnitude
     return tensors
 
 
 def write_peft_folder(state: AdapterState, folder: str | os.PathLike) -> Path:
     """Write ``state`` as one PEFT adapter folder per component (``FOLDER/unet``, ``FOLDER/text_encoder``), each with
-    ``adapter_config.json`` (rank, alpha, rank/alpha patterns, exact target modules) and
+    ``adapter_config.json`` (rank, alpha, rank/alpha patterns, exact target modules, ``use_dora``) and
     ``adapter_model.safetensors``, loadable with ``peft.PeftModel.from_pretrained(pipe.unet, FOLDER / "unet")``.
 
     The folder is built beside ``folder`` and renamed into place, so a failure leaves nothing behind.
 
     Raises:
-        AdapterFileError: ``folder`` exists and is not an empty folder, the adapter has no modules, or reading would
-            refuse it (:meth:`~difflora.adapter.AdapterState.problem`); one line naming the folder and the module.
+        AdapterFileError: ``folder`` exists and is not an empty folder, the adapter has no modules, reading would
+            refuse it (:meth:`~difflora.adapter.AdapterState.problem`), or PEFT cannot hold it (another kind than
+            LoRA, DoRA per input column, DoRA on some of a component's modules only:
+            :meth:`~difflora.adapter.AdapterState.lora_only_problem`); one line naming the folder and the module.
     """
     folder = Path(folder)
     if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
