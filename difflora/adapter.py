@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import math
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -26,6 +27,7 @@ __all__ = [
     "ModuleWeights",
     "dora_problem",
     "factor_shape_problem",
+    "skipped_kinds",
 ]
 
 
@@ -319,8 +321,8 @@ ModuleWeights = LoRAModuleWeights | LoHaModuleWeights | LoKrModuleWeights | Full
 class AdapterState:
     """An adapter as data: canonical module key → factors, plus the string metadata that travels with the file.
 
-    ``skipped`` lists the keys of the file that hold no LoRA difflora can apply (DoRA magnitudes, LyCORIS, ...):
-    they are reported, never silently dropped.
+    ``skipped`` lists the keys of the file that hold nothing difflora can apply (norm diffs, OFT, names of no known
+    layer, ...): they are reported, never silently dropped.
     """
 
     modules: dict[str, ModuleWeights]
@@ -394,7 +396,68 @@ class AdapterState:
         return None
 
     def skipped_summary(self, limit: int = 5) -> str:
-        """``N keys difflora cannot apply: a, b, …`` naming at most ``limit`` of :attr:`skipped`."""
+        """:attr:`skipped` in one line, by what the keys are (:func:`skipped_kinds`), each kind with its count and
+        first key, at most ``limit`` kinds: ``12 keys difflora cannot apply: oft ×8 (lora_unet_….oft_blocks, …),
+        unknown layer ×4 (lora_unet_….lora_down.weight, …)``."""
         count = len(self.skipped)
-        listed = ", ".join(self.skipped[:limit]) + (", ..." if count > limit else "")
-        return f"{count} key{'s' if count != 1 else ''} difflora cannot apply: {listed}"
+        kinds = skipped_kinds(self.skipped)
+        listed = [f"{kind} ×{len(keys)} ({keys[0]}{', …' if len(keys) > 1 else ''})"
+                  for kind, keys in list(kinds.items())[:limit]]
+        if len(kinds) > limit:
+            listed.append(f"{len(kinds) - limit} more kinds")
+        return f"{count} key{'s' if count != 1 else ''} difflora cannot apply: {', '.join(listed)}"
+
+
+# What a skipped key is, by its own name, checked in this order over every key of its module: algorithms difflora
+# does not apply, PEFT's parts beside a LoRA, OneTrainer's bundled embeddings.
+_SKIPPED_ALGORITHMS = (
+    ("oft", re.compile(r"\.(?:oft_blocks|oft_diag|oft_R\.weight|oft_R\.scaled_oft|rescale)$")),
+    ("norm diff", re.compile(r"\.(?:w_norm|b_norm)$")),
+    ("glora", re.compile(r"\.[ab][12]\.weight$")),
+    ("ia3", re.compile(r"\.on_input$")),
+    ("dora magnitude", re.compile(r"\.lora_magnitude_vector(?:\.weight)?$")),
+    ("lora bias", re.compile(r"\.lora_(?:B|up)\.bias$")),
+    ("embedding", re.compile(r"^bundle_emb\.")),
+)
+# The key's last names after its module's: a parameter, maybe with PEFT's adapter name and ``.weight``.
+_KEY_SUFFIX = re.compile(r"\.(?:lora_linear_layer\.|lora\.)?[A-Za-z0-9_]+(?:\.default)?(?:\.weight|\.bias)?$")
+# The algorithms difflora applies, by their keys' names; a module of one of them was skipped for its layer.
+_APPLIED_FAMILIES = {
+    "lora": re.compile(r"\.(?:lora_(?:down|up|mid|A|B)|lora(?:_linear_layer)?\.(?:down|up))(?:\.default)?\.weight$"),
+    "loha": re.compile(r"\.hada_\w+$"),
+    "lokr": re.compile(r"\.lokr_\w+$"),
+    "full": re.compile(r"\.diff$"),
+}
+# GroupNorm and LayerNorm layers by their names in diffusers', the original and CLIP's layouts.
+_NORM_LAYER = re.compile(r"(?:^|[._])(?:\w*norm\w*|in_layers[._]0|out_layers[._]0)$|(?:^|\.|_unet_)out[._]0$")
+
+
+def _skipped_kind(module: str, keys: list[str]) -> str:
+    """What one module's skipped keys are: an algorithm difflora does not apply, a norm's or a bias' diff, a LoRA of
+    no layer difflora knows, two algorithms on one layer, or other keys."""
+    for kind, pattern in _SKIPPED_ALGORITHMS:
+        if any(pattern.search(key) for key in keys):
+            return kind
+    if all(key.endswith((".diff", ".diff_b")) for key in keys) and _NORM_LAYER.search(module):
+        return "norm diff"
+    if all(key.endswith(".diff_b") for key in keys):
+        return "bias diff"  # set apart from the update of its weight, which was applied
+    families = {family for family, pattern in _APPLIED_FAMILIES.items() if any(pattern.search(key) for key in keys)}
+    if len(families) > 1:
+        return "mixed algorithms"
+    return "unknown layer" if families else "other keys"
+
+
+def skipped_kinds(keys: list[str]) -> dict[str, list[str]]:
+    """Skipped keys by what they are (``oft``, ``norm diff``, ``bias diff``, ``unknown layer``, ``mixed
+    algorithms``, …), each kind's keys in their order, the kinds by their first key. A key is judged with the other
+    keys of its module (a LoRA beside an OFT block is part of the OFT module)."""
+    modules: dict[str, list[str]] = collections.defaultdict(list)
+    for key in keys:
+        modules[_KEY_SUFFIX.sub("", key)].append(key)
+    kind_of = {key: kind for module, members in modules.items()
+               for kind in [_skipped_kind(module, members)] for key in members}
+    kinds: dict[str, list[str]] = {}
+    for key in keys:
+        kinds.setdefault(kind_of[key], []).append(key)
+    return kinds

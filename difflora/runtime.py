@@ -227,6 +227,10 @@ class LoRARuntime:
                 return down.flatten(1), up.flatten(1), None
             if shape[2:] == (1, 1) and down.ndim == 2:
                 return down[:, :, None, None], up[:, :, None, None], None
+        if mid is None and down.ndim == 2 and len(shape) == 4 and (up.shape[0], down.shape[1]) == (
+                shape[0], math.prod(shape[1:])):
+            # A k × k conv's LoRA as matrices (down rank × in·kh·kw), as ComfyUI's trainer saves it: the same update.
+            return down.reshape(down.shape[0], *shape[1:]), up[:, :, None, None], None
         raise AdapterShapeError(
             f"{source}: module {module_key!r} changes a weight of shape {weights.weight_shape} (down "
             f"{tuple(down.shape)}, up {tuple(up.shape)}), the model's is {shape}"

@@ -237,12 +237,12 @@ def test_generate_lists_or_refuses_keys_it_cannot_apply(tiny_model_dir, adapter_
     save_file(tensors, str(conv))
     common = ["generate", "--model", str(tiny_model_dir), "--lora", str(conv), "--prompt", "p", "--steps", "1"]
     assert main([*common, "--strict", "--out", str(tmp_path / "strict.png")]) == 2
-    expected = "refused (strict): 1 key difflora cannot apply: lora_unet_mid_block_resnets_0_norm1.diff"
+    expected = "refused (strict): 1 key difflora cannot apply: norm diff ×1 (lora_unet_mid_block_resnets_0_norm1.diff)"
     assert expected in capsys.readouterr().err
     assert not (tmp_path / "strict.png").exists()
     assert main([*common, "--out", str(tmp_path / "ok.png")]) == 0
     # a warning on stderr outside pytest
-    assert "not loaded: 1 key difflora cannot apply: lora_unet_mid_block_resnets_0_norm1" in caplog.text
+    assert f"not loaded: {expected.removeprefix('refused (strict): ')}" in caplog.text
 
 
 def test_corrupted_or_mismatched_inputs_write_nothing(adapter_file, tmp_path, capsys):

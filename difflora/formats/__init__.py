@@ -7,14 +7,22 @@ Each dialect is one module of this package:
   ``lora_adapter_metadata`` header (what ``save_lora_weights`` and diffusers' training scripts write); formats
   ``difflora`` (written by difflora) and ``diffusers``. It also reads diffusers' older spellings, :mod:`.legacy`
   (``diffusers-old``: ``.lora.down.weight``; ``diffusers-attn-procs``: ``processor.to_q_lora``, ``lora_linear_layer``).
-* :mod:`.kohya`: ``lora_unet_…`` / ``lora_te_…`` keys with ``.alpha`` (kohya, LyCORIS' LoCon, AUTOMATIC1111,
-  ComfyUI), SDXL's original-layout names included.
+* :mod:`.kohya`: ``lora_unet_…`` / ``lora_te_…`` keys with ``.alpha`` (kohya, LyCORIS, AUTOMATIC1111, OneTrainer's
+  kohya and legacy outputs), SDXL's original-layout names included, and SimpleTuner's LyCORIS files
+  (``lycoris_…``).
+* :mod:`.comfyui`: ComfyUI's own names, ``diffusion_model.<original-layout path>`` and
+  ``text_encoders.clip_l|clip_h|clip_g.transformer.…`` (ComfyUI's trainer and extraction, OneTrainer's ComfyUI
+  output).
+* :mod:`.onetrainer`: OneTrainer's internal dict (``unet.<path>.lora_down.weight``) and its original-layout output
+  (``input_blocks.…lora_A.weight``).
 * :mod:`.peft`: PEFT adapter folders, and difflora's export of one PEFT folder per pipeline component.
 
 Every dialect reads and writes LoRA on any Linear and Conv2d (4-D factors on a Conv2d; kohya's and LyCORIS' Tucker
-core ``lora_mid`` is kept in kohya files and folded into the down factor for diffusers and PEFT); what a file holds
-that difflora cannot apply (LyCORIS' other algorithms, DoRA, names of no known layer) is listed in
-:attr:`~difflora.adapter.AdapterState.skipped`, every key of it.
+core ``lora_mid`` is kept in kohya files and folded into the down factor for diffusers and PEFT); kohya's family
+(kohya, ComfyUI, OneTrainer) also reads LoHa, LoKr, full diffs and DoRA (:mod:`._algorithms`). What a file holds
+that difflora cannot apply (norm diffs, OFT, names of no known layer) is listed in
+:attr:`~difflora.adapter.AdapterState.skipped`, every key of it, and named by algorithm in one line
+(:meth:`~difflora.adapter.AdapterState.skipped_summary`).
 
 This module picks the dialect: a state dict goes to the first of :data:`READERS` that claims its keys, a layout name
 to its entry in :data:`WRITERS`. A new dialect is one module with the same functions and one entry there.
@@ -34,7 +42,7 @@ from .._files import atomic_path
 from ..adapter import AdapterState
 from ..errors import AdapterFileError
 from ..keys import is_pickle
-from . import diffusers, kohya, peft
+from . import comfyui, diffusers, kohya, onetrainer, peft
 from ._common import read_safetensors
 from .diffusers import DIFFUSERS_METADATA_KEY, DIFFUSERS_WEIGHTS_FILE, diffusers_lora_metadata, to_diffusers_state_dict
 from .kohya import kohya_metadata, to_kohya_state_dict
@@ -60,9 +68,11 @@ __all__ = [
 DIFFLORA_FORMAT_VERSION = "1"
 
 # State-dict dialects, asked in order: the first whose ``claims(keys)`` holds reads the file with
-# ``read_state_dict(tensors, header, source)``. diffusers comes last: it claims whatever is left and reads every
-# spelling of its family (``diffusers.KEY_SPELLINGS``), or says it found no key it knows.
-READERS = (kohya, diffusers)
+# ``read_state_dict(tensors, header, source)``. Their prefixes never overlap (``lora_unet_``, ``diffusion_model.``,
+# ``input_blocks.``); OneTrainer's internal keys share diffusers' ``unet.`` but not its factor names, so OneTrainer
+# is asked first. diffusers comes last: it claims whatever is left and reads every spelling of its family
+# (``diffusers.KEY_SPELLINGS``), or says it found no key it knows.
+READERS = (kohya, comfyui, onetrainer, diffusers)
 # Layouts ``write_adapter`` writes, each a dialect with ``file_contents(state, title) -> (tensors, header entries)``.
 WRITERS = {"difflora": diffusers, "diffusers": diffusers, "kohya": kohya}
 WRITE_LAYOUTS = tuple(WRITERS)

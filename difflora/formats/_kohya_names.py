@@ -1,4 +1,5 @@
-"""kohya's flattened layer names read back into module paths, by the grammar of the models' own module names.
+"""Layer names as files spell them read back into module paths, by the grammar of the models' own module names:
+kohya's flattened names, and the dotted names of ComfyUI, OneTrainer and LyCORIS' wrapper.
 
 kohya's sd-scripts (and LyCORIS, A1111, ComfyUI after them) name a module ``lora_unet_<path>`` with every dot of
 its path turned into an underscore, so ``down_blocks_0_resnets_0_conv_shortcut`` could split in many ways. The
@@ -12,14 +13,23 @@ The original layout (``input_blocks_4_1_…``) is read for models with two layer
 are (diffusers reads it the same way: ``lora_conversion_utils._maybe_map_sgm_blocks_to_diffusers`` and
 ``single_file_utils.convert_ldm_unet_checkpoint``): input block ``I`` ≥ 1 is slot ``(I-1) % 3`` of down block
 ``(I-1) // 3`` (slot 2 holds the downsampler), output block ``J`` is layer ``J % 3`` of up block ``J // 3`` (the
-upsampler beside the last layer), and the middle block is resnet 0, attention 0, resnet 1.
+upsampler beside the last layer), and the middle block is resnet 0, attention 0, resnet 1. ComfyUI names every UNet
+this way, dotted (``diffusion_model.input_blocks.1.1.proj_in``); OneTrainer's "original" output too, without the
+prefix.
 """
 
 from __future__ import annotations
 
 import re
 
-__all__ = ["text_layer_path", "unet_layer_path"]
+__all__ = [
+    "diffusers_unet_layer_path",
+    "dotted_diffusers_unet_path",
+    "dotted_ldm_unet_path",
+    "dotted_text_path",
+    "text_layer_path",
+    "unet_layer_path",
+]
 
 # ----- the grammar, written with dots -------------------------------------------------------------------------------
 
@@ -60,6 +70,9 @@ def _flattened(dotted: str) -> re.Pattern[str]:
 _FLAT_DIFFUSERS_UNET = _flattened(_DIFFUSERS_UNET)
 _FLAT_LDM_UNET = _flattened(_LDM_UNET)
 _FLAT_TEXT = _flattened(_TEXT)
+_DOTTED_DIFFUSERS_UNET = re.compile(_DIFFUSERS_UNET)
+_DOTTED_LDM_UNET = re.compile(_LDM_UNET)
+_DOTTED_TEXT = re.compile(_TEXT)
 
 
 def _unflatten(pattern: re.Pattern[str], name: str) -> str | None:
@@ -145,3 +158,26 @@ def text_layer_path(name: str) -> str | None:
     ``text_model_encoder_layers_0_mlp_fc1`` → ``encoder.layers.0.mlp.fc1``; ``None`` outside the grammar."""
     path = _unflatten(_FLAT_TEXT, name)
     return path.removeprefix("text_model.") if path is not None else None
+
+
+def diffusers_unet_layer_path(name: str) -> str | None:
+    """The UNet path of a flattened name in diffusers' layout only (LyCORIS' wrapper names the modules of the model
+    it wraps, and SimpleTuner wraps diffusers' ``UNet2DConditionModel``); ``None`` outside the grammar."""
+    return _unflatten(_FLAT_DIFFUSERS_UNET, name)
+
+
+def dotted_diffusers_unet_path(path: str) -> str | None:
+    """``path`` when it is a Linear or Conv2d of diffusers' UNet (``down_blocks.0.resnets.0.conv1``), else ``None``."""
+    return path if _DOTTED_DIFFUSERS_UNET.fullmatch(path) else None
+
+
+def dotted_ldm_unet_path(path: str) -> str | None:
+    """The diffusers UNet path of an original-layout path: ``input_blocks.1.1.transformer_blocks.0.attn1.to_q`` →
+    ``down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q``; ``None`` for a path that names no such layer."""
+    return _diffusers_path(path) if _DOTTED_LDM_UNET.fullmatch(path) else None
+
+
+def dotted_text_path(path: str) -> str | None:
+    """The CLIP text-encoder path of a dotted path, without transformers' ``text_model.`` prefix:
+    ``text_model.encoder.layers.0.mlp.fc1`` → ``encoder.layers.0.mlp.fc1``; ``None`` outside the grammar."""
+    return path.removeprefix("text_model.") if _DOTTED_TEXT.fullmatch(path) else None

@@ -5,8 +5,11 @@ module path flattened with underscores (read back by :mod:`._kohya_names`), each
 ``.lora_up.weight`` and ``.alpha`` (scale = alpha / rank; alpha = rank when absent), on any Linear or Conv2d of the
 UNet and text encoders: a Conv2d's factors are 4-D (LoCon: down rank × in × kh × kw, up out × rank × 1 × 1), with
 LyCORIS' Tucker core ``.lora_mid.weight`` a 1 × 1 down. SDXL files name UNet blocks in the original (LDM) layout.
-Modules of other algorithms (LyCORIS' LoHa, LoKr, DoRA, full and norm diffs) and names of no known layer are
-reported in ``skipped``, every key of them.
+LyCORIS' LoHa, LoKr, full diffs and DoRA magnitudes are read under their own keys (:mod:`._algorithms`), and
+SimpleTuner's LyCORIS files (``lycoris_<flattened diffusers UNet path>``, what LyCORIS' wrapper writes for the
+UNet it wraps) the same way. OneTrainer's kohya and "legacy" outputs are this dialect too. Modules of algorithms
+difflora does not apply (norm diffs, OFT, …) and names of no known layer are reported in ``skipped``, every key of
+them.
 
 difflora writes each module's real alpha (an rsLoRA scale as the equivalent alpha) and kohya's ``ss_*`` and the
 ``modelspec.*`` header keys that A1111 and ComfyUI show.
@@ -21,18 +24,11 @@ from collections.abc import Iterable
 
 import torch
 
-from ..adapter import (
-    AdapterState,
-    FullModuleWeights,
-    LoHaModuleWeights,
-    LoKrModuleWeights,
-    LoRAModuleWeights,
-    ModuleWeights,
-)
-from ..errors import AdapterFileError
+from ..adapter import AdapterState, ModuleWeights
 from ..keys import join_module_key
-from ._common import alpha_value, file_module_path, require_factors
-from ._kohya_names import text_layer_path, unet_layer_path
+from ._algorithms import KINDS, kohya_suffix, read_modules
+from ._common import file_module_path
+from ._kohya_names import diffusers_unet_layer_path, text_layer_path, unet_layer_path
 
 __all__ = ["KOHYA", "claims", "file_contents", "kohya_metadata", "read_state_dict", "to_kohya_state_dict"]
 
@@ -40,133 +36,52 @@ KOHYA = "kohya"
 
 # ----- reading ------------------------------------------------------------------------------------------------------
 
-_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
-# kohya names a module by everything before the key's first dot (``lora_unet_<flattened path>``).
-_KEY = re.compile(r"^(lora_unet|lora_te1|lora_te2|lora_te)_([^.]+)\.(.+)$")
-# What a module of each algorithm holds (key suffix → field), as kohya's networks/lora.py and LyCORIS' modules
-# write them; every kind may also hold an ``alpha`` and a DoRA ``dora_scale``. A module with any other key (norm
-# ``w_norm``/``b_norm``, OFT, …) or keys of two algorithms is skipped whole: applying part of it would apply it
-# wrongly.
-_KINDS = {
-    "lora": {"lora_down.weight": "down", "lora_up.weight": "up", "lora_mid.weight": "mid"},
-    "loha": {"hada_w1_a": "w1a", "hada_w1_b": "w1b", "hada_w2_a": "w2a", "hada_w2_b": "w2b", "hada_t1": "t1",
-             "hada_t2": "t2"},
-    "lokr": {"lokr_w1": "w1", "lokr_w1_a": "w1a", "lokr_w1_b": "w1b", "lokr_w2": "w2", "lokr_w2_a": "w2a",
-             "lokr_w2_b": "w2b", "lokr_t2": "t2"},
-    "full": {"diff": "diff", "diff_b": "diff_b"},
-}
-_SHARED = {"alpha": "alpha", "dora_scale": "dora_scale"}
-_REQUIRED = {"lora": ("down", "up"), "loha": ("w1a", "w1b", "w2a", "w2b"), "lokr": (), "full": ("diff",)}
-_COMPONENT = {"lora_unet": "unet", "lora_te": "text_encoder", "lora_te1": "text_encoder", "lora_te2": "text_encoder_2"}
+# kohya names a module by everything before the key's first dot (``lora_unet_<flattened path>``); LyCORIS' wrapper,
+# as SimpleTuner uses it on the UNet, by ``lycoris_<flattened path>``.
+_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", "lycoris_")
+_KEY = re.compile(r"^((?:lora_unet|lora_te1|lora_te2|lora_te|lycoris)_[^.]+)\.(.+)$")
+_NAME = re.compile(r"^(lora_unet|lora_te1|lora_te2|lora_te|lycoris)_(.+)$")
+_COMPONENT = {"lora_unet": "unet", "lora_te": "text_encoder", "lora_te1": "text_encoder", "lora_te2": "text_encoder_2",
+              "lycoris": "unet"}
 
 
 def claims(keys: Iterable[str]) -> bool:
-    """A file is kohya's when any key has kohya's prefix; its other keys are then reported as skipped."""
+    """A file is kohya's when any key has kohya's prefix (or LyCORIS' ``lycoris_``); its other keys are then
+    reported as skipped."""
     return any(key.startswith(_PREFIXES) for key in keys)
 
 
-def _module_key(prefix: str, name: str) -> str | None:
+def _split_key(key: str) -> tuple[str, str] | None:
+    """``lora_unet_<name>.lora_A.weight`` → ``("lora_unet_<name>", "lora_down.weight")``; ``None`` outside kohya's
+    naming."""
+    match = _KEY.match(key)
+    return (match.group(1), kohya_suffix(match.group(2))) if match else None
+
+
+def _module_key(name: str) -> str | None:
     """``lora_unet_down_blocks_0_resnets_0_conv1`` → ``unet.down_blocks.0.resnets.0.conv1`` (SDXL's original layout
-    too: ``lora_unet_input_blocks_1_0_in_layers_2`` → the same); ``None`` for a name that is no Linear or Conv2d
-    layer of the Stable Diffusion UNets and CLIP text encoders (:mod:`._kohya_names`)."""
+    too: ``lora_unet_input_blocks_1_0_in_layers_2`` → the same; ``lycoris_`` names in diffusers' layout only);
+    ``None`` for a name that is no Linear or Conv2d layer of the Stable Diffusion UNets and CLIP text encoders
+    (:mod:`._kohya_names`)."""
+    prefix, flattened = _NAME.match(name).groups()
     component = _COMPONENT[prefix]
-    path = unet_layer_path(name) if component == "unet" else text_layer_path(name)
+    if prefix == "lycoris":
+        path = diffusers_unet_layer_path(flattened)
+    else:
+        path = unet_layer_path(flattened) if component == "unet" else text_layer_path(flattened)
     return join_module_key(component, path) if path is not None else None
 
 
-def _kind_of(suffixes: list[str]) -> str | None:
-    """The algorithm whose keys these are, or ``None`` (unknown keys, two algorithms, or only shared keys)."""
-    own = [suffix for suffix in suffixes if suffix not in _SHARED]
-    for kind, fields in _KINDS.items():
-        if own and all(suffix in fields for suffix in own):
-            return kind
-    return None
-
-
-def _modules(tensors: dict[str, torch.Tensor], source: str) -> tuple[dict[str, tuple[str, dict]], list[str]]:
-    """Every module difflora applies by module key, as (algorithm, field → tensor), and the keys it cannot apply,
-    in file order: keys outside kohya's naming, names of no layer difflora knows, and every key of a module that
-    is no algorithm difflora applies (or holds only an alpha).
-
-    Raises:
-        AdapterFileError: two names in one file for the same layer, or a module missing a factor its algorithm needs.
-    """
-    names: dict[tuple[str, str], list[str]] = collections.defaultdict(list)
-    for key in tensors:
-        match = _KEY.match(key)
-        if match:
-            names[match.group(1), match.group(2)].append(key)
-    found: dict[str, tuple[str, dict]] = {}
-    named_by: dict[str, str] = {}
-    applied: set[str] = set()
-    for (prefix, name), keys in names.items():
-        suffixes = [key.partition(".")[2] for key in keys]
-        module_key = _module_key(prefix, name)
-        kind = _kind_of(suffixes)
-        if module_key is None or kind is None:
-            continue
-        if module_key in found:
-            raise AdapterFileError(
-                f"{source}: module {module_key!r} is named twice ({named_by[module_key]} and {prefix}_{name})"
-            )
-        fields = {**_KINDS[kind], **_SHARED}
-        parts = {fields[suffix]: tensors[key] for key, suffix in zip(keys, suffixes)}
-        missing = [field for field in _REQUIRED[kind] if field not in parts]
-        if missing and kind != "lora":  # a LoRA's missing half is named by require_factors
-            raise AdapterFileError(f"{source}: module {module_key!r} ({kind}) has no {missing[0]} factor")
-        found[module_key] = (kind, parts)
-        named_by[module_key] = f"{prefix}_{name}"
-        applied.update(keys)
-    return found, [key for key in tensors if key not in applied]
-
-
-def _wd_on_output(dora_scale: torch.Tensor | None, header: dict[str, str]) -> bool:
-    """DoRA's axis, told from the magnitude's shape (out × 1 × … per output row, 1 × in × … per input column, as
-    LyCORIS stores it), else from LyCORIS' ``wd_on_output`` network argument (default: per output row)."""
-    if dora_scale is not None and dora_scale.ndim >= 2 and (dora_scale.shape[0] == 1) != (dora_scale.shape[1] == 1):
-        return dora_scale.shape[1] == 1
-    try:
-        arguments = json.loads(header.get("ss_network_args") or "{}")
-    except json.JSONDecodeError:
-        arguments = {}
-    value = arguments.get("wd_on_output", True) if isinstance(arguments, dict) else True
-    return str(value).strip().lower() not in ("false", "0", "no")
-
-
-def _module_weights(kind: str, parts: dict, module_key: str, source: str, header: dict[str, str]) -> ModuleWeights:
-    alpha = alpha_value(source, module_key, parts.pop("alpha")) if "alpha" in parts else None
-    dora = {"dora_scale": parts.get("dora_scale"), "wd_on_output": _wd_on_output(parts.pop("dora_scale", None), header)}
-    if kind == "lora":
-        down, up, mid = require_factors(source, module_key, parts)
-        return LoRAModuleWeights(down=down, up=up, alpha=alpha if alpha is not None else float(down.shape[0]),
-                                 mid=mid, **dora)
-    if kind == "loha":
-        return LoHaModuleWeights(alpha=alpha if alpha is not None else float(parts["w1b"].shape[0]), **parts, **dora)
-    if kind == "lokr":
-        return LoKrModuleWeights(alpha=alpha, **parts, **dora)
-    return FullModuleWeights(**parts, **dora)
-
-
 def read_state_dict(tensors: dict[str, torch.Tensor], header: dict[str, str], source: str) -> AdapterState:
-    """An :class:`AdapterState` from a kohya/A1111/ComfyUI/LyCORIS state dict (LoRA, LoCon, LoHa, LoKr, full diffs,
-    each with or without DoRA); every header entry but ``format`` is kept as metadata.
+    """An :class:`AdapterState` from a kohya/A1111/LyCORIS/SimpleTuner state dict (LoRA, LoCon, LoHa, LoKr, full
+    diffs, each with or without DoRA); every header entry but ``format`` is kept as metadata.
 
     Raises:
         AdapterFileError: a module without a factor its algorithm needs, LoRA factors whose shapes do not fit (a
             Linear's are matrices, a Conv2d's 4-D with a 1 × 1 up), an alpha that is not one number, one layer
             named twice, or no module difflora can apply.
     """
-    found, skipped = _modules(tensors, source)
-    modules = {module_key: _module_weights(*found[module_key], module_key, source, header)
-               for module_key in sorted(found)}
-    if not modules:
-        first = skipped[0] if skipped else "none"
-        raise AdapterFileError(
-            f"{source}: kohya file holds no module difflora can apply "
-            f"({len(skipped)} keys skipped, first: {first!r})"
-        )
-    metadata = {key: value for key, value in header.items() if key != "format"}
-    return AdapterState(modules=modules, metadata=metadata, source_format=KOHYA, skipped=skipped)
+    return read_modules(tensors, header, source, format_name=KOHYA, split_key=_split_key, module_key_of=_module_key)
 
 
 # ----- writing ------------------------------------------------------------------------------------------------------
@@ -192,7 +107,7 @@ def _module_tensors(weights: ModuleWeights) -> dict[str, torch.Tensor]:
         tensors = {"lora_down.weight": weights.down, "lora_up.weight": weights.up, "lora_mid.weight": weights.mid,
                    "alpha": torch.tensor(weights.alpha_for(use_rslora=False), dtype=torch.float32)}
     else:
-        suffix_of = {field: suffix for suffix, field in _KINDS[weights.kind].items()}
+        suffix_of = {field: suffix for suffix, field in KINDS[weights.kind].items()}
         tensors = {suffix_of[field]: tensor for field, tensor in weights.tensors().items()}
         if weights.kind != "full" and weights.alpha is not None:
             tensors["alpha"] = torch.tensor(float(weights.alpha), dtype=torch.float32)
