@@ -243,7 +243,7 @@ class LoKrModuleWeights:
 
     @property
     def rank(self) -> int:
-        factorised = self.w1b if self.w1 is None else (self.w2b if self.w2 is None else None)
+        factorised = self.w2b if self.w2 is None else (self.w1b if self.w1 is None else None)  # as LoKrFactors
         return factorised.shape[0] if factorised is not None else 0
 
     @property

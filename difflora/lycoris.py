@@ -185,7 +185,9 @@ class LoKrFactors(_DenseUpdate):
 
     def __init__(self, weight_shape, w1=None, w1a=None, w1b=None, w2=None, w2a=None, w2b=None, t2=None,
                  alpha: float | None = None) -> None:
-        factorised = w1b if w1 is None else (w2b if w2 is None else None)
+        # The rank of the factorised side; with both factorised, w2's (as ComfyUI, A1111 and Forge read it; the
+        # ranks are equal in what LyCORIS writes)
+        factorised = w2b if w2 is None else (w1b if w1 is None else None)
         rank = factorised.shape[0] if factorised is not None else 0
         super().__init__(tuple(weight_shape), rank, alpha if (alpha is not None and rank) else max(rank, 1))
         for name, tensor in (("w1", w1), ("w1a", w1a), ("w1b", w1b), ("w2", w2), ("w2a", w2a), ("w2b", w2b),

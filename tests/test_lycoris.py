@@ -100,6 +100,16 @@ def test_lokr_equals_lycoris_and_the_kronecker_product(kind, layout):
     assert relative(lokr_delta(w1, w1a, w1b, w2, w2a, w2b, t2, update.scale, shape), by_hand) < 1e-5
 
 
+def test_lokr_with_both_sides_factorised_at_different_ranks_scales_by_w2s_rank():
+    """ComfyUI, A1111 and Forge take ``dim`` from ``w2_b`` when both sides are factorised (each overwrites it in that
+    order); LyCORIS writes equal ranks, so only files made otherwise tell the two apart."""
+    w1a, w1b, w2a, w2b = draw(3, 2), draw(2, 2), draw(4, 5), draw(5, 4)
+    update = LoKrFactors((12, 8), w1a=w1a, w1b=w1b, w2a=w2a, w2b=w2b, alpha=10.0)
+    assert update.rank == 5 and update.scale == 2.0
+    by_hand = torch.kron(w1a @ w1b, w2a @ w2b) * (10.0 / 5)
+    assert relative(update.delta_weight(), by_hand) < 1e-5
+
+
 @pytest.mark.parametrize("kind", SHAPES)
 def test_full_diff_is_the_diff_and_its_bias(kind):
     shape = SHAPES[kind]
