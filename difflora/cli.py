@@ -128,9 +128,12 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from .formats import read_adapter
-    from .reports import describe_adapter, summary_rows
+    from .reports import compat_lines, describe_adapter, summary_rows
 
-    summary = {"file": str(args.file), **describe_adapter(read_adapter(args.file))}
+    state = read_adapter(args.file)
+    summary = {"file": str(args.file), **describe_adapter(state)}
+    if args.compat:
+        summary["compat"] = _compat(Path(args.file), state)
     if args.json:
         print(json.dumps(summary, indent=2, sort_keys=True))
         return 0
@@ -141,16 +144,40 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         for key, value in sorted(summary["metadata"].items()):
             value = value if len(value) <= 200 else value[:197] + "..."
             print(f"  {key}: {value}")
+    if args.compat:
+        print("\n".join(["", "what other tools apply (by their code; see difflora.compat):", *compat_lines(
+            summary["compat"])]))
     return 0
+
+
+def _compat(path: Path, state) -> list[dict]:
+    """``inspect --compat``: what diffusers, ComfyUI, A1111 and Forge apply of the file at ``path``."""
+    from .compat import compat_report
+    from .formats import DIFFUSERS_WEIGHTS_FILE
+    from .formats._common import read_safetensors
+
+    if path.is_dir() and (path / DIFFUSERS_WEIGHTS_FILE).is_file():  # what load_lora_weights reads of a folder
+        path = path / DIFFUSERS_WEIGHTS_FILE
+    elif path.is_dir():
+        raise InvalidArgumentError(f"compat reads one .safetensors file; {path} is a PEFT folder", "compat")
+    tensors, header = read_safetensors(path)
+    return [report.as_dict() for report in compat_report(tensors, header, state)]
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
     from .formats import read_adapter, write_adapter
 
     output = _output(args.out, "folder", new=True) if args.to == "peft" else _output(args.out)
+    if args.rank is not None and (args.to == "kohya" or args.rank <= 0):
+        raise InvalidArgumentError(f"rank must be a positive integer, for --to diffusers, peft or difflora (kohya "
+                                   f"files keep every kind as it is), got {args.rank} with --to {args.to}", "rank")
     state = read_adapter(args.input)
     if state.skipped and args.strict:
         raise InvalidArgumentError(f"strict: {args.input} holds {state.skipped_summary()}", "strict")
+    errors: dict[str, float] = {}
+    if args.to != "kohya":  # what the target holds as it is; the rest as LoRA by SVD at --rank
+        state, errors = _held_by(args.input, state, args.rank,
+                                 "a PEFT folder" if args.to == "peft" else f"a {args.to} file")
     if args.to == "peft":
         from .formats import write_peft_folder
 
@@ -303,6 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspect = commands.add_parser("inspect", help="show an adapter file's format, ranks, alphas, modules and metadata")
     inspect.add_argument("file")
     inspect.add_argument("--json", action="store_true", help="print JSON")
+    inspect.add_argument("--compat", action="store_true", help="also what diffusers, ComfyUI, A1111 and Forge apply")
     inspect.set_defaults(run=_cmd_inspect, command_parser=inspect)
 
     convert = commands.add_parser("convert", help="rewrite an adapter file in another format")

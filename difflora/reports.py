@@ -12,7 +12,7 @@ import json
 
 from .adapter import AdapterState
 
-__all__ = ["describe_adapter", "error_summary", "summary_rows", "trigger_words", "worst_modules"]
+__all__ = ["compat_lines", "describe_adapter", "error_summary", "summary_rows", "trigger_words", "worst_modules"]
 
 # Training options shown from an adapter's difflora.training_config, in this order.
 _TRAINING_SHOWN = ("steps", "rank", "alpha", "lr", "batch_size", "resolution", "trigger_word", "data", "seed")
@@ -115,3 +115,23 @@ def error_summary(relative_errors: dict[str, float]) -> str:
     mean = sum(relative_errors.values()) / len(relative_errors)
     modules = f"{len(relative_errors)} module" + ("s" if len(relative_errors) != 1 else "")
     return f"{modules}, relative error per module: mean {mean:.3e}, max {largest:.3e} ({worst})"
+
+
+def compat_lines(compat: list[dict]) -> list[str]:
+    """``difflora.compat`` reports (``ToolReport.as_dict()``) as lines, one block per tool: a headline
+    (``diffusers (…): applies 10 of 12 modules, 2 of them differently`` or why the load fails), then each group,
+    applied first (``  differs: LoRA+DoRA linear ×36 — DoRA magnitude dropped …``)."""
+    order = ("applies", "differs", "ignores")
+    lines = []
+    for tool in compat:
+        head = f"{tool['tool']} ({tool['target']}): "
+        if not tool["loads"]:  # its groups would say what it does with a file it refuses
+            lines.append(head + f"load fails — {tool['failure']}; applies 0 of {tool['modules']} modules")
+            continue
+        differently = f", {tool['differs']} of them differently" if tool["differs"] else ""
+        lines.append(head + f"applies {tool['applied']} of {tool['modules']} modules{differently}")
+        for group in sorted(tool["groups"], key=lambda group: (order.index(group["outcome"]), group["algorithm"],
+                                                              group["layer"], group["reason"])):
+            reason = f" — {group['reason']}" if group["reason"] else ""
+            lines.append(f"  {group['outcome']}: {group['algorithm']} {group['layer']} ×{group['modules']}{reason}")
+    return lines
