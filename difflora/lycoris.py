@@ -21,6 +21,8 @@ out × in, or out × in × kh × kw; ``in·k`` is in · kh · kw):
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -33,6 +35,10 @@ __all__ = [
     "LoKrFactors",
     "attach_magnitude",
     "dora_weight",
+    "factorization",
+    "initial_loha",
+    "initial_lokr",
+    "initial_magnitude",
     "loha_delta",
     "lokr_delta",
 ]
@@ -97,6 +103,89 @@ def attach_magnitude(update: nn.Module, magnitude: torch.Tensor, wd_on_output: b
                                                         requires_grad=False))
     update.wd_on_output = wd_on_output
     return update
+
+
+# ----- a new trainable update: each algorithm's own initialisation, so that ΔW = 0 at the start -------------------
+
+
+def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
+    """``(m, n)`` with ``m · n = dimension`` and ``m ≤ n``: LoKr's split of a side into its small (``w1``) and large
+    (``w2``) part, as LyCORIS' ``factorization`` makes it. A positive ``factor`` that divides ``dimension`` is taken as
+    it is; otherwise the most balanced split whose small part is at most ``factor`` (-1: no limit), e.g.
+    128 → (8, 16), 127 → (1, 127), 360 with factor 8 → (8, 45)."""
+    if factor > 0 and dimension % factor == 0:
+        return min(factor, dimension // factor), max(factor, dimension // factor)
+    limit = dimension if factor < 0 else factor
+    small = 1
+    for candidate in range(2, math.isqrt(dimension) + 1):
+        if candidate > limit:
+            break
+        if dimension % candidate == 0:
+            small = candidate
+    return small, dimension // small
+
+
+def _uniform(shape: tuple[int, ...], generator: torch.Generator | None) -> torch.Tensor:
+    """``kaiming_uniform_(a=√5)``, the draw of an ``nn.Linear``'s weight: uniform in ±1/sqrt(fan_in), fan_in the
+    product of every dimension but the first."""
+    fan_in = math.prod(shape[1:])
+    return (torch.rand(shape, generator=generator) * 2 - 1) / math.sqrt(fan_in)
+
+
+def initial_loha(
+    weight_shape: tuple[int, ...], rank: int, init: str = "zeros", generator: torch.Generator | None = None
+) -> dict[str, torch.Tensor]:
+    """A new LoHa's ``w1a, w1b, w2a, w2b`` (fp32, no Tucker cores) for a weight of ``weight_shape``: w1a, w2a
+    out × rank, w1b, w2b rank × in·kh·kw.
+
+    LyCORIS' ``LohaModule`` initialisation: ``w1b``, ``w2b`` normal with std 1, ``w1a`` normal with std 0.1 and
+    ``w2a`` zero, so ``ΔW = (w1a w1b) ⊙ (w2a w2b) = 0``; ``init="random"`` draws ``w2a`` like ``w1a`` (an update
+    that changes the output, for tests)."""
+    out_features, flat_in = weight_shape[0], math.prod(weight_shape[1:])
+
+    def normal(shape: tuple[int, int], std: float) -> torch.Tensor:
+        return torch.randn(shape, generator=generator) * std
+
+    w1a, w1b = normal((out_features, rank), 0.1), normal((rank, flat_in), 1.0)
+    w2a = normal((out_features, rank), 0.1) if init == "random" else torch.zeros(out_features, rank)
+    return {"w1a": w1a, "w1b": w1b, "w2a": w2a, "w2b": normal((rank, flat_in), 1.0)}
+
+
+def initial_lokr(
+    weight_shape: tuple[int, ...], rank: int, factor: int = -1, init: str = "zeros",
+    generator: torch.Generator | None = None,
+) -> dict[str, torch.Tensor]:
+    """A new LoKr's tensors (fp32) for a weight of ``weight_shape``: ``w1`` (out_l × in_m, whole) and either ``w2``
+    (out_k × in_n × kh × kw, whole) or ``w2a`` (out_k × rank) and ``w2b`` (rank × in_n·kh·kw), with
+    ``factorization(out, factor) = (out_l, out_k)`` and ``factorization(in, factor) = (in_m, in_n)``.
+
+    LyCORIS' ``LokrModule`` choices: ``w2`` is factorised when ``rank < max(out_k, in_n) / 2``; ``w1`` and
+    ``w2a`` are drawn as ``nn.Linear`` weights (:func:`_uniform`) and ``w2`` or ``w2b`` start at zero, so
+    ``ΔW = w1 ⊗ w2 = 0``; ``init="random"`` draws those too."""
+    out_l, out_k = factorization(weight_shape[0], factor)
+    in_m, in_n = factorization(weight_shape[1], factor)
+    kernel = tuple(weight_shape[2:])
+
+    def second(shape: tuple[int, ...]) -> torch.Tensor:
+        return _uniform(shape, generator) if init == "random" else torch.zeros(shape)
+
+    tensors = {"w1": _uniform((out_l, in_m), generator)}
+    if rank < max(out_k, in_n) / 2:
+        tensors["w2a"] = _uniform((out_k, rank), generator)
+        tensors["w2b"] = second((rank, in_n * math.prod(kernel)))
+    else:
+        tensors["w2"] = second((out_k, in_n, *kernel))
+    return tensors
+
+
+def initial_magnitude(weight: torch.Tensor, wd_on_output: bool = True) -> torch.Tensor:
+    """A new DoRA update's magnitude ``g``: the norm of ``weight`` (fp32) per output row (``wd_on_output``, LyCORIS'
+    and PEFT's default) or per input column, computed as :func:`dora_weight` computes ``‖V‖``, so that with
+    ``ΔW = 0`` the decomposed weight is ``W`` exactly."""
+    weight = weight.detach().float()
+    if wd_on_output:
+        return weight.flatten(1).norm(dim=1)
+    return weight.transpose(0, 1).flatten(1).norm(dim=1)
 
 
 class _DenseUpdate(nn.Module):

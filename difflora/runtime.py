@@ -25,7 +25,7 @@ import math
 import logging
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -50,9 +50,10 @@ from .keys import (
     split_module_key,
     split_projection,
 )
-from .lora import INITIALISATIONS, LoRAFactors, adapter_weight, initial_factors
+from .adapter_options import AdapterOptions, initial_module, target_layer_paths
+from .lora import LoRAFactors, adapter_weight
 from .lycoris import FullDiff, LoHaFactors, LoKrFactors, attach_magnitude
-from .multilora import MultiLoRA
+from .multilora import MultiLoRA, stored_weight
 from .processors import (
     InstalledProcessors,
     LayerSite,
@@ -62,7 +63,7 @@ from .processors import (
     layer_sites,
 )
 
-__all__ = ["LoRARuntime", "AdapterInfo"]
+__all__ = ["AdapterInfo", "AdapterOptions", "LoRARuntime", "default_layout"]
 
 logger = logging.getLogger("difflora")
 
@@ -350,46 +351,62 @@ class LoRARuntime:
         name = name or adapter_name_from_path(path)
         return self.add_adapter(name, state, weight, block_weights, source=str(path), strict=strict)
 
-    def create_adapter(
-        self,
-        name: str,
-        rank: int,
-        alpha: float | None = None,
-        *,
-        components: tuple[str, ...] = ("unet",),
-        use_rslora: bool = False,
-        init: str = "zeros",
-        seed: int | None = None,
-    ) -> AdapterInfo:
-        """A new adapter on every attention projection of ``components``, trainable (fp32, ``requires_grad``).
+    def create_adapter(self, name: str, options: AdapterOptions | None = None, /, **choices) -> AdapterInfo:
+        """A new trainable adapter (fp32, ``requires_grad``) as ``options`` say, or :class:`AdapterOptions` with
+        ``choices`` as keywords (``create_adapter("style", rank=8, targets="all", algo="loha")``).
 
-        ``init`` is ``"zeros"`` (training's start, ``ΔW = 0``) or ``"random"`` (an adapter that changes the output):
-        see :func:`~difflora.lora.initial_factors`.
+        Each layer of ``options.targets`` gets the algorithm's own start (:class:`AdapterOptions`, ``init``): with
+        ``init="zeros"`` every update is ``ΔW = 0`` and a DoRA magnitude the weight's norm, so a model with no other
+        adapter on those layers computes exactly what it did before. The trainable tensors are :meth:`parameters`.
+
+        Raises:
+            InvalidArgumentError: an option that cannot be used, named (its ``parameter``).
         """
-        if not isinstance(rank, int) or rank <= 0:
-            raise InvalidArgumentError(f"rank must be a positive integer, got {rank!r}", "rank")
-        unknown = [component for component in components if component not in self.components]
+        known = sorted(f.name for f in fields(AdapterOptions))
+        unknown = sorted(set(choices) - set(known))
         if unknown:
-            raise InvalidArgumentError(
-                f"components {unknown} are not in this pipeline ({list(self.components)})", "components"
-            )
-        if init not in INITIALISATIONS:
-            raise InvalidArgumentError(f"init must be one of {', '.join(INITIALISATIONS)}, got {init!r}", "init")
-        generator = torch.Generator().manual_seed(seed) if seed is not None else None
-        modules = {}
-        for site_key, placed in self._sites.items():
-            if placed.site.component not in components or not self._takes_lora(site_key):
-                continue
-            for projection, (in_features, out_features) in placed.site.projection_shapes(
-                projections_of(placed.site.component)
-            ).items():
-                down, up = initial_factors(rank, in_features, out_features, init, generator)
-                key = join_module_key(placed.site.component, placed.site.path, projection)
-                modules[key] = LoRAModuleWeights(down, up, float(alpha or rank), use_rslora)
-        info = self.add_adapter(name, AdapterState(modules=modules))
+            raise InvalidArgumentError(f"{unknown[0]} is not an adapter option ({', '.join(known)})", unknown[0])
+        options = replace(options or AdapterOptions(), **choices)
+        options.validate()
+        missing = [component for component in options.components if component not in self.components]
+        if missing:
+            raise InvalidArgumentError(f"components {missing} are not in this pipeline ({list(self.components)})",
+                                       "components")
+        generator = torch.Generator().manual_seed(options.seed) if options.seed is not None else None
+        with self._changing():  # unfused while the magnitudes are taken: DoRA's is the norm of the model's own weight
+            modules = {key: initial_module(self._place(key, "create_adapter")[0], options, generator,
+                                           self._weight_of(key) if options.dora else None)
+                       for key in self._target_keys(options)}
+            info = self.add_adapter(name, AdapterState(modules=modules))
         for parameter in self.parameters(name):
             parameter.requires_grad_(True)
         return info
+
+    def _target_keys(self, options: AdapterOptions) -> list[str]:
+        """The module keys ``options.targets`` names in this model, in the model's order: the attention projections,
+        or every Linear and Conv2d inside kohya's target module classes
+        (:func:`~difflora.adapter_options.target_layer_paths`)."""
+        if options.targets == "attention":
+            return [join_module_key(placed.site.component, placed.site.path, projection)
+                    for site_key, placed in self._sites.items()
+                    if placed.site.component in options.components and self._takes_lora(site_key)
+                    for projection in projections_of(placed.site.component)]
+        found = [join_module_key(component, path.removeprefix("text_model."))
+                 for component in options.components
+                 for path in target_layer_paths(self.components[component], options.targets)]
+        return [key for key in found if key in self._layers or self._takes_lora(self._site_key(key))]
+
+    @staticmethod
+    def _site_key(module_key: str) -> str:
+        component, path = split_module_key(module_key)
+        return f"{component}.{split_projection(path)[0]}"
+
+    def _weight_of(self, module_key: str) -> torch.Tensor:
+        """The weight the layer ``module_key`` stores (an attention projection, or a layer with or without a host)."""
+        if module_key in self._layers:
+            return stored_weight(self._layers[module_key].layer)
+        projection = split_projection(split_module_key(module_key)[1])[1]
+        return stored_weight(self._sites[self._site_key(module_key)].attention.get_submodule(projection))
 
     # ----- changing the mix ---------------------------------------------------------------------------------------
     def set_weight(self, name: str, weight: float) -> None:
@@ -497,14 +514,17 @@ class LoRARuntime:
         self._uninstall()
 
     # ----- reading adapters back ----------------------------------------------------------------------------------
-    def parameters(self, name: str) -> list[nn.Parameter]:
-        """The trainable tensors of adapter ``name`` in a fixed order: each LoRA's ``down`` and ``up`` (in that order,
-        which optimizer groups rely on), each other update's tensors."""
+    def named_parameters(self, name: str) -> list[tuple[str, nn.Parameter]]:
+        """``(<module key>.<tensor>, tensor)`` for the trainable tensors of adapter ``name``, in the model's order:
+        a LoRA's ``down``, ``up`` (and ``mid``), a LoHa's ``w1a`` … ``w2b``, a LoKr's ``w1`` … ``w2b``, and a DoRA
+        update's ``magnitude`` (optimizer groups tell them apart by that last name)."""
         self._info(name)
-        found = []
-        for _, update in self._factors_of(name):
-            found += [update.down, update.up] if isinstance(update, LoRAFactors) else list(update.factors())
-        return found
+        return [(f"{module_key}.{tensor_name}", tensor) for module_key, update in self._factors_of(name)
+                for tensor_name, tensor in update.named_parameters(recurse=False)]
+
+    def parameters(self, name: str) -> list[nn.Parameter]:
+        """The trainable tensors of adapter ``name``, in :meth:`named_parameters`' order."""
+        return [tensor for _, tensor in self.named_parameters(name)]
 
     def adapter_state(self, name: str) -> AdapterState:
         """Adapter ``name`` as data (fp32 copies on the CPU), ready for :func:`~difflora.formats.write_adapter`."""
@@ -513,7 +533,8 @@ class LoRARuntime:
         return AdapterState(modules=modules, metadata=dict(info.metadata))
 
     def copy_into(self, name: str, state: AdapterState) -> None:
-        """Overwrite adapter ``name``'s factors in place with ``state``'s (same modules and shapes), e.g. on resume.
+        """Overwrite adapter ``name``'s tensors in place with ``state``'s (same modules, kinds and shapes; a DoRA
+        magnitude in any of its file shapes), e.g. on resume.
 
         In place, so optimizers holding these parameters keep working.
         """
@@ -522,18 +543,43 @@ class LoRARuntime:
         if set(current) != set(state.modules):
             different = sorted(set(current) ^ set(state.modules))[0]
             raise AdapterShapeError(f"adapter {name!r}: the saved factors cover other modules (e.g. {different!r})")
-        for module_key, factors in current.items():
-            saved = state.modules[module_key]
-            if saved.down.shape != factors.down.shape or saved.up.shape != factors.up.shape:
-                raise AdapterShapeError(f"adapter {name!r}: saved {module_key} has other shapes")
+        pairs = []
+        for module_key, update in current.items():
+            saved, mine = _tensors_of(state.modules[module_key]), dict(update.named_parameters(recurse=False))
+            if saved.keys() != mine.keys() or any(saved[tensor_name].numel() != tensor.numel() or (
+                    tensor_name != "magnitude" and saved[tensor_name].shape != tensor.shape)
+                    for tensor_name, tensor in mine.items()):
+                raise AdapterShapeError(f"adapter {name!r}: saved {module_key} has other tensors or shapes")
+            pairs += [(tensor, saved[tensor_name].reshape(tensor.shape)) for tensor_name, tensor in mine.items()]
         with torch.no_grad():  # every shape checked first, so a bad file changes nothing
-            for module_key, factors in current.items():
-                factors.down.copy_(state.modules[module_key].down)
-                factors.up.copy_(state.modules[module_key].up)
+            for tensor, saved_tensor in pairs:
+                tensor.copy_(saved_tensor)
 
-    def save(self, name: str, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:
-        """Write adapter ``name`` to a ``.safetensors`` file that difflora and plain diffusers load."""
-        return write_adapter(self.adapter_state(name), path, metadata)
+    def save(self, name: str, path: str | os.PathLike, metadata: dict[str, str] | None = None,
+             layout: str | None = None) -> Path:
+        """Write adapter ``name`` to a ``.safetensors`` file in ``layout`` (:func:`~difflora.formats.write_adapter`);
+        by default diffusers' when it holds the adapter (LoRA, LoCon, PEFT's DoRA: plain diffusers loads it), else
+        kohya's (LoHa, LoKr as LyCORIS writes them)."""
+        state = self.adapter_state(name)
+        return write_adapter(state, path, metadata, layout or default_layout(state))
+
+
+def default_layout(state: AdapterState) -> str:
+    """The layout a new file of ``state`` is written in: ``difflora`` (diffusers' keys) when that holds it (LoRA,
+    LoCon, PEFT's DoRA), which plain diffusers applies, else ``kohya`` (LyCORIS' keys hold every kind)."""
+    return "difflora" if state.lora_only_problem("a diffusers file") is None else "kohya"
+
+
+def _tensors_of(weights: ModuleWeights) -> dict[str, torch.Tensor]:
+    """A module's tensors by the names its runtime update gives them (the DoRA magnitude as ``magnitude``)."""
+    if weights.kind == "lora":
+        tensors = {"down": weights.down, "up": weights.up, "mid": weights.mid}
+    elif weights.kind == "full":
+        tensors = {"diff": weights.diff, "diff_b": weights.diff_b}
+    else:
+        tensors = dict(weights.tensors())
+    tensors["magnitude"] = weights.dora_scale
+    return {tensor_name: tensor for tensor_name, tensor in tensors.items() if tensor is not None}
 
 
 def _as_module_weights(update: nn.Module) -> ModuleWeights:

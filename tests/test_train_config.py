@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from difflora.data import DataConfig
+from difflora.runtime import AdapterOptions
 from difflora.errors import InvalidArgumentError
 from difflora.train.checkpoints import changed_options
 from difflora.train.config import (
@@ -41,7 +42,9 @@ WRITTEN_BEFORE = {
 
 def test_every_data_option_is_a_flat_flag_and_key_with_datas_own_help():
     flat = config_to_dict(make_config({"data": "images"}))
-    assert set(flat) == set(WRITTEN_BEFORE) | {"bucket_step", "min_bucket_side", "max_bucket_side"}
+    added_since = {"bucket_step", "min_bucket_side", "max_bucket_side", "algo", "targets", "conv_rank", "conv_alpha",
+                   "dora", "lokr_factor", "layout"}
+    assert set(flat) == set(WRITTEN_BEFORE) | added_since
     assert {key: flat[key] for key in WRITTEN_BEFORE} == WRITTEN_BEFORE  # same keys, same defaults
     data_fields = {f.name for f in dataclasses.fields(DataConfig)} - {"data_dir", "seed"}
     assert data_fields <= set(flat) and "data" in flat and "dataset" not in flat
@@ -50,6 +53,11 @@ def test_every_data_option_is_a_flat_flag_and_key_with_datas_own_help():
     for name in data_fields:
         assert helps[name].startswith(DataConfig.__dataclass_fields__[name].metadata["help"]), name
     assert helps["data"] == DataConfig.__dataclass_fields__["data_dir"].metadata["help"]
+    # The adapter's options take their help from runtime.AdapterOptions, which create_adapter and the web UI share
+    # (the run's one seed is the run's own option).
+    for option in dataclasses.fields(AdapterOptions):
+        if option.name in set(flat) - {"seed"}:
+            assert helps[option.name].startswith(option.metadata["help"]), option.name
 
 
 def test_data_options_reach_the_data_config_from_flags_and_files(tmp_path):
@@ -85,7 +93,7 @@ def test_only_options_marked_as_not_shaping_the_result_change_silently_on_resume
     assert outside == {
         "output", "resume", "steps", "epochs", "checkpointing_steps", "checkpoints_total_limit", "validation_prompts",
         "validation_steps", "validation_seed", "validation_inference_steps", "report_to", "log_every",
-        "dataloader_workers", "cache_dir",
+        "dataloader_workers", "cache_dir", "layout",
     }
     saved = config_to_dict(make_config({"data": "d"}))
     for name, value in [("steps", 9), ("output", "elsewhere"), ("dataloader_workers", 2), ("cache_dir", "c")]:

@@ -256,7 +256,7 @@ class RecordingRuntime:
     def __init__(self):
         self.saved = []
 
-    def save(self, name, path, metadata=None):
+    def save(self, name, path, metadata=None, layout=None):
         self.saved.append((name, path, metadata))
 
 

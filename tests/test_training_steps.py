@@ -93,12 +93,17 @@ def test_adamw_is_fused_where_the_device_has_it_and_not_under_fp16_scaling():
 
 def test_loraplus_and_lora_fa_groups():
     factors = [LoRAFactors(8, 8, 2), LoRAFactors(8, 8, 2)]
-    params = [p for f in factors for p in (f.down, f.up)]
-    groups = lora_parameter_groups([(params, 1e-4)], loraplus_ratio=16.0)
-    assert [g["lr"] for g in groups] == [1e-4, 1.6e-3]
-    assert groups[0]["params"][0] is factors[0].down and groups[1]["params"][0] is factors[0].up
-    groups = lora_parameter_groups([(params, 1e-4)], lora_fa=True)
-    assert len(groups) == 1 and all(p.requires_grad is False for p in params[0::2])
+    magnitude = torch.nn.Parameter(torch.ones(8))  # a DoRA magnitude: neither A nor B
+    named = [(f"unet.layer{i}.{name}", p) for i, f in enumerate(factors)
+             for name, p in (("down", f.down), ("up", f.up))]
+    named.append(("unet.layer1.magnitude", magnitude))
+    params = [p for _, p in named]
+    groups = lora_parameter_groups([(named, 1e-4)], loraplus_ratio=16.0)
+    assert [g["lr"] for g in groups] == [1e-4, 1.6e-3, 1e-4]
+    assert groups[0]["params"] == [factors[0].down, factors[1].down]
+    assert groups[1]["params"] == [factors[0].up, factors[1].up] and groups[2]["params"] == [magnitude]
+    groups = lora_parameter_groups([(named, 1e-4)], lora_fa=True)
+    assert len(groups) == 2 and all(p.requires_grad is False for p in params[0:4:2]) and magnitude.requires_grad
     with pytest.raises(InvalidArgumentError, match="^optimizer 'sgd' is not adamw") as caught:
         build_optimizer(groups, "sgd", 0.0)
     assert caught.value.parameter == "optimizer"

@@ -23,7 +23,8 @@ __all__ = ["CheckpointManager", "changed_options"]
 logger = logging.getLogger("difflora.train")
 
 # Options a run could not set before they were recorded: a checkpoint without them ran with their defaults.
-_RECORDED_SINCE_SETTABLE = ("bucket_step", "min_bucket_side", "max_bucket_side")
+_RECORDED_SINCE_SETTABLE = ("bucket_step", "min_bucket_side", "max_bucket_side", "algo", "targets", "conv_rank",
+                            "conv_alpha", "dora", "lokr_factor")
 
 
 def changed_options(saved: dict, current: dict) -> list[str]:

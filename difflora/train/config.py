@@ -1,6 +1,8 @@
-"""Training options: two dataclasses are the single source of every option's name, type, default and help.
+"""Training options: dataclasses are the single source of every option's name, type, default and help.
 
-:class:`TrainConfig` holds the run's options and a :class:`~difflora.data.DataConfig` (``dataset``) for the data's.
+:class:`TrainConfig` holds the run's options and a :class:`~difflora.data.DataConfig` (``dataset``) for the data's;
+the adapter's options (``algo``, ``targets``, ``rank``, ``dora``, …) take their default and help from
+:class:`~difflora.runtime.AdapterOptions`, which :meth:`TrainConfig.adapter_options` builds for ``create_adapter``.
 On the command line (``difflora train``, ``python -m difflora.train``, ``accelerate launch train/train_lora.py``), in
 YAML config files and in the metadata written into the adapter, the options are one flat list: ``--resolution``,
 ``caption_dropout:``, ``--data`` (the data's ``data_dir``). Precedence: defaults < ``--config FILE.yaml`` < flags.
@@ -26,6 +28,7 @@ import yaml
 from ..data import DataConfig
 from ..errors import InvalidArgumentError, first_line, number_in, seed_number
 from ..generate import MAX_STEPS
+from ..runtime import AdapterOptions
 
 __all__ = [
     "Option", "TrainConfig", "build_arg_parser", "config_from_args", "config_options", "config_to_dict",
@@ -38,6 +41,12 @@ def _option(default, help: str, choices: tuple | None = None, *, shapes_result: 
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=metadata)
     return field(default=default, metadata=metadata)
+
+
+def _adapter_option(name: str):
+    """The option ``name`` of :class:`~difflora.runtime.AdapterOptions`: its default, help and choices, from there."""
+    source = next(f for f in fields(AdapterOptions) if f.name == name)
+    return _option(source.default, source.metadata["help"], source.metadata["choices"])
 
 
 # The ranges of the numeric options: name → (low, high, kind); kind "int" for an integer, "number" for a finite
@@ -57,12 +66,14 @@ NUMBER_RANGES = {
     "lr": (0.0, 1.0, "above"),
     "text_encoder_lr": (0.0, 1.0, "above"),
     "alpha": (0.0, 10000.0, "above"),
+    "conv_alpha": (0.0, 10000.0, "above"),
     "loraplus_ratio": (0.0, 1000.0, "above"),
     "snr_gamma": (0.0, 1000.0, "above"),
     "noise_offset": (0.0, 1.0, "number"),
     "weight_decay": (0.0, 1.0, "number"),
     "max_grad_norm": (0.0, 1e6, "number"),
     "rank": (1, 1280, "int"),
+    "conv_rank": (1, 1280, "int"),
     "batch_size": (1, 256, "int"),
     "gradient_accumulation": (1, 1000, "int"),
     "validation_inference_steps": (1, MAX_STEPS, "int"),
@@ -96,10 +107,19 @@ class TrainConfig:
     epochs: int | None = _option(None, "epochs to train when --steps is not given", shapes_result=False)
     batch_size: int = _option(4, "images per batch per process")
     gradient_accumulation: int = _option(1, "batches per optimizer step")
-    # The adapter
-    rank: int = _option(4, "LoRA rank")
-    alpha: float | None = _option(None, "LoRA alpha (default: rank, i.e. scale 1)")
-    use_rslora: bool = _option(False, "rsLoRA scaling alpha/sqrt(rank)")
+    # The adapter (runtime.AdapterOptions holds these options' defaults and help)
+    algo: str = _adapter_option("algo")
+    targets: str = _adapter_option("targets")
+    rank: int = _adapter_option("rank")
+    alpha: float | None = _adapter_option("alpha")
+    conv_rank: int | None = _adapter_option("conv_rank")
+    conv_alpha: float | None = _adapter_option("conv_alpha")
+    dora: bool = _adapter_option("dora")
+    lokr_factor: int = _adapter_option("lokr_factor")
+    use_rslora: bool = _adapter_option("use_rslora")
+    layout: str = _option("auto", "layout of the adapter file: auto (diffusers' keys for LoRA, LoCon and DoRA, which "
+                          "plain diffusers loads; kohya's for LoHa and LoKr), diffusers, kohya (A1111, ComfyUI)",
+                          choices=("auto", "diffusers", "kohya"), shapes_result=False)
     train_unet: bool = _option(True, "train a UNet adapter")
     train_text_encoder: bool = _option(False, "train a text-encoder adapter too")
     # Optimisation
@@ -169,6 +189,14 @@ class TrainConfig:
             number_in(value, low, high, name, name, integer=kind == "int", low_open=kind == "above")
         for name in ("seed", "validation_seed"):
             seed_number(getattr(self, name), name, name)
+        self.adapter_options().validate()
+        if self.algo != "lora" and (self.loraplus_ratio != 1.0 or self.lora_fa):
+            option = "lora_fa" if self.lora_fa else "loraplus_ratio"
+            raise InvalidArgumentError(f"{option} applies to algo lora only (its up and down factors), got algo "
+                                       f"{self.algo}", option)
+        if self.layout == "diffusers" and self.algo != "lora":
+            raise InvalidArgumentError(f"layout diffusers holds LoRA, LoCon and DoRA only, not {self.algo}: use "
+                                       "layout kohya or auto", "layout")
         if not (self.train_unet or self.train_text_encoder):
             raise InvalidArgumentError("train_text_encoder must be on when train_unet is off (nothing to train)",
                                        "train_text_encoder")
@@ -180,6 +208,14 @@ class TrainConfig:
                 shown = ", ".join(str(c) for c in choices if c is not None)
                 raise InvalidArgumentError(f"{f.name} {getattr(self, f.name)!r} is not one of {shown}", f.name)
         self.dataset.validate()
+
+    def adapter_options(self) -> AdapterOptions:
+        """The adapter this run trains, as :meth:`~difflora.runtime.LoRARuntime.create_adapter` takes it: on the
+        trained components, initialised from the run's seed."""
+        components = tuple(name for name, on in (("unet", self.train_unet), ("text_encoder", self.train_text_encoder))
+                           if on)
+        names = {f.name for f in fields(AdapterOptions)} - {"init", "seed", "components"}
+        return AdapterOptions(**{name: getattr(self, name) for name in names}, seed=self.seed, components=components)
 
 
 # ----- the flat list of options -------------------------------------------------------------------------------------

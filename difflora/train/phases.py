@@ -133,13 +133,12 @@ def load_frozen_model(config: TrainConfig, device: torch.device) -> FrozenModel:
 
 def add_trainable_adapter(model: FrozenModel, config: TrainConfig):
     """Attach a :class:`~difflora.runtime.LoRARuntime` and create the adapter ``config.name`` on the trained
-    components (fp32 factors: ``up`` zero, ``down`` random from ``config.seed``); returns the runtime."""
+    components (:meth:`TrainConfig.adapter_options`: its algorithm, targets and sizes; fp32, ``ΔW = 0``, random
+    factors from ``config.seed``); returns the runtime."""
     from ..runtime import LoRARuntime
 
     runtime = LoRARuntime.attach(model.pipe)
-    components = tuple(c for c, on in (("unet", config.train_unet), ("text_encoder", config.train_text_encoder)) if on)
-    runtime.create_adapter(config.name, rank=config.rank, alpha=config.alpha, components=components,
-                           use_rslora=config.use_rslora, seed=config.seed)
+    runtime.create_adapter(config.name, config.adapter_options())
     if config.gradient_checkpointing:
         model.unet.enable_gradient_checkpointing()
         if config.train_text_encoder:
@@ -173,10 +172,10 @@ def build_optimisation(accelerator, model: FrozenModel, runtime, config: TrainCo
     ``accelerator.prepare`` of the trained modules with them."""
     from diffusers.optimization import get_scheduler
 
-    # runtime.parameters alternates down, up per projection, which lora_parameter_groups relies on.
-    unet_ids = {id(p) for p in model.unet.parameters()}
-    unet_params = [p for p in runtime.parameters(config.name) if id(p) in unet_ids]
-    text_params = [p for p in runtime.parameters(config.name) if id(p) not in unet_ids]
+    # Named by module key and tensor (…to_q.down, …to_q.up, …magnitude): lora_parameter_groups groups them by role.
+    named = runtime.named_parameters(config.name)
+    unet_params = [(name, p) for name, p in named if name.startswith("unet.")]
+    text_params = [(name, p) for name, p in named if not name.startswith("unet.")]
     groups = step_maths.lora_parameter_groups(
         [(unet_params, config.lr), (text_params, config.text_encoder_lr or config.lr)],
         loraplus_ratio=config.loraplus_ratio,
@@ -406,7 +405,8 @@ def finish(accelerator, reporter: StepReporter, runtime, interrupted: bool) -> T
                               main_process=accelerator.is_main_process)
     adapter_path = Path(config.output) / f"{config.name}.safetensors"
     if accelerator.is_main_process:
-        runtime.save(config.name, adapter_path, adapter_metadata(config))
+        layout = None if config.layout == "auto" else config.layout
+        runtime.save(config.name, adapter_path, adapter_metadata(config), layout)
         if config.validation_prompts and not validates_at(config, step):  # unless the loop just rendered this step
             render_validation(accelerator, reporter.pipe, config, step)
     return TrainingResult(adapter_path, step, reporter.losses, last_checkpoint=reporter.last_checkpoint,

@@ -160,24 +160,30 @@ def encode_latents(vae, pixel_values: torch.Tensor) -> torch.Tensor:
 
 
 def lora_parameter_groups(
-    parameters_by_lr: list[tuple[list[torch.nn.Parameter], float]],
+    parameters_by_lr: list[tuple[list[tuple[str, torch.nn.Parameter]], float]],
     loraplus_ratio: float = 1.0,
     lora_fa: bool = False,
 ) -> list[dict]:
-    """Optimizer parameter groups from ``[(params, lr), ...]`` where params alternate ``down, up, down, up, …``.
+    """Optimizer parameter groups from ``[(named parameters, lr), ...]``, each parameter named as
+    :meth:`~difflora.runtime.LoRARuntime.named_parameters` names it (``<module key>.<tensor>``).
 
     LoRA+ (Hayou et al. 2024): the ``up`` (B) factors get ``lr × loraplus_ratio``. LoRA-FA (Zhang et al. 2023): the
-    ``down`` (A) factors stay at their random initialisation (``requires_grad = False``) and only ``up`` trains.
+    ``down`` (A) factors (and Tucker cores) stay at their random initialisation (``requires_grad = False``) and only
+    ``up`` trains. Every other tensor (a DoRA magnitude, LoHa's and LoKr's factors) trains at ``lr``.
     """
     groups = []
-    for parameters, lr in parameters_by_lr:
-        downs, ups = parameters[0::2], parameters[1::2]
+    for named, lr in parameters_by_lr:
+        roles: dict[str, list] = {"down": [], "up": [], "other": []}
+        for name, parameter in named:
+            role = name.rpartition(".")[2]
+            roles["down" if role in ("down", "mid") else role if role == "up" else "other"].append(parameter)
         if lora_fa:
-            for down in downs:
+            for down in roles["down"]:
                 down.requires_grad_(False)
         else:
-            groups.append({"params": downs, "lr": lr})
-        groups.append({"params": ups, "lr": lr * loraplus_ratio})
+            groups.append({"params": roles["down"], "lr": lr})
+        groups.append({"params": roles["up"], "lr": lr * loraplus_ratio})
+        groups.append({"params": roles["other"], "lr": lr})
     return [group for group in groups if group["params"]]
 
 
