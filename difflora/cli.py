@@ -186,8 +186,31 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         write_adapter(state, output, layout=args.to)
     if state.skipped:
         print(f"not carried over: {state.skipped_summary(limit=10)}", file=sys.stderr)
+    if errors:
+        from .reports import error_summary
+
+        print(f"turned into LoRA by SVD at rank {args.rank}: {error_summary(errors)}", file=sys.stderr)
     print(args.out)
     return 0
+
+
+def _held_by(path: str, state, rank: int | None, target: str):
+    """``(state, errors)``: ``state`` as ``target`` holds it (:func:`~difflora.blend.as_lora`; what ``target``
+    holds is what its writer accepts, :meth:`~difflora.adapter.AdapterState.lora_only_problem`)."""
+    from .adapter import AdapterState
+    from .blend import as_lora
+
+    def holds(module_key: str, module) -> bool:
+        return AdapterState(modules={module_key: module}).lora_only_problem(target) is None
+
+    result = _of_input(path, as_lora, state, rank, holds, target)
+    return result.state, result.relative_errors
+
+
+def _layout(state, given: str | None) -> str:
+    """``--format``, or when not given ``difflora``, and ``kohya`` for a result holding other kinds than plain LoRA
+    (only kohya files keep LoHa, LoKr, full diffs and DoRA)."""
+    return given or ("difflora" if state.lora_only_problem("a difflora file") is None else "kohya")
 
 
 def _report_errors(errors: dict[str, float]) -> None:
@@ -204,9 +227,23 @@ def _cmd_blend(args: argparse.Namespace) -> int:
     output = _output(args.out)
     specs = [parse_lora_spec(text, option="blend") for text in args.adapters]
     adapters = [(read_adapter(spec.path), spec.weight) for spec in specs]
-    result = blend(adapters, method=args.method, rank=args.rank, density=args.density)
+    dora = {key: (spec.path, module) for spec, (state, _) in zip(specs, adapters)
+            for key, module in state.modules.items() if module.dora_scale is not None}
+    base_weights = None
+    if dora and args.model is None:
+        key, (path, module) = next(iter(dora.items()))
+        raise InvalidArgumentError(f"{path}: module {key!r} is {module.kind} with DoRA, whose change depends on the "
+                                   "base model's weights: give that model with --model (or use the file as it is: "
+                                   "generate, merge)")
+    if dora:
+        from .extract import layer_weights
+        from .pipelines import load_pipeline
+
+        pipe = load_pipeline(args.model, model_config=args.model_config, quiet=True)
+        base_weights = layer_weights(_components(pipe), dora)
+    result = blend(adapters, method=args.method, rank=args.rank, density=args.density, base_weights=base_weights)
     sources = ", ".join(f"{spec.path.name}:{spec.weight:g}" for spec in specs)
-    write_adapter(result.state, output, {"difflora.blend_sources": sources}, layout=args.format)
+    write_adapter(result.state, output, {"difflora.blend_sources": sources}, layout=_layout(result.state, args.format))
     _report_errors(result.relative_errors)
     print(args.out)
     return 0
@@ -236,7 +273,7 @@ def _cmd_scale(args: argparse.Namespace) -> int:
         block_weights.check_blocks(SD_UNET_BLOCKS, "an SD or SDXL UNet")
     adapter = read_adapter(args.input)
     state = _of_input(args.input, scale_adapter, adapter, weight, block_weights)
-    write_adapter(state, output, layout=args.format)
+    write_adapter(state, output, layout=_layout(state, args.format))
     # A1111 presets name every block, those with no attention in SD 1.5 included: worth a word, not an error.
     idle = block_weights.blocks_outside(unet_blocks(key.split(".", 1) for key in adapter.modules)) \
         if block_weights is not None else []
@@ -253,7 +290,7 @@ def _cmd_resize(args: argparse.Namespace) -> int:
 
     output = _output(args.out)
     result = _of_input(args.input, resize_adapter, read_adapter(args.input), rank=args.rank, energy=args.energy)
-    write_adapter(result.state, output, layout=args.format)
+    write_adapter(result.state, output, layout=_layout(result.state, args.format))
     _report_errors(result.relative_errors)
     print(args.out)
     return 0
@@ -291,9 +328,91 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_extract(args: argparse.Namespace) -> int:
+    from .extract import ExtractOptions, extract_lora
+    from .formats import write_adapter
+    from .pipelines import load_pipeline, resolve_device, resolve_dtype
+    from .reports import error_summary, worst_modules
+
+    output = _output(args.out or f"{adapter_name_from_path(args.tuned)}-lora.safetensors")
+    options = ExtractOptions(rank=args.rank, conv_rank=args.conv_rank, device=str(resolve_device(args.device)),
+                             svd=args.svd, min_difference=args.min_difference)
+    options.validate()  # before two models load
+    dtype = resolve_dtype(args.dtype, "cpu")
+    pipes = [load_pipeline(model, dtype=dtype, model_config=args.model_config, quiet=True)
+             for model in (args.base, args.tuned)]
+    base, tuned = (_components(pipe) for pipe in pipes)
+    result = extract_lora(base, tuned, options)
+    write_adapter(result.state, output, {"difflora.extract_base": str(args.base),
+                                         "difflora.extract_tuned": str(args.tuned)}, layout=args.format)
+    print(f"{error_summary(result.relative_errors)}; overall {result.overall_error:.3e}", file=sys.stderr)
+    worst = ", ".join(f"{key} {error:.3e}" for key, error in worst_modules(result.relative_errors, 5))
+    print(f"worst layers: {worst}", file=sys.stderr)
+    if result.not_extracted:
+        listed = ", ".join(result.not_extracted[:10]) + (", ..." if len(result.not_extracted) > 10 else "")
+        print(f"not extracted: {len(result.not_extracted)} tensors differ that a LoRA does not hold (k×k convs "
+              f"without --conv-rank, biases, norms, embeddings): {listed}", file=sys.stderr)
+    print(output)
+    return 0
+
+
+def _components(pipe) -> dict:
+    """The pipeline's models adapters change, by component name (``unet``, ``text_encoder``, ``text_encoder_2``)."""
+    from .keys import COMPONENTS
+
+    return {name: getattr(pipe, name) for name in COMPONENTS if getattr(pipe, name, None) is not None}
+
+
+def _add_extract_parser(commands) -> None:
+    from .extract import SVD_METHODS, ExtractOptions
+    from .formats import WRITE_LAYOUTS
+
+    extract = commands.add_parser("extract", help="a LoRA/LoCon from the difference of two models, with its error")
+    extract.add_argument("--base", required=True, help="the base model: 'embedded', a diffusers folder, a "
+                         "single-file .safetensors checkpoint or a hub id (as --model elsewhere)")
+    extract.add_argument("--tuned", required=True, help="the fine-tuned model, named the same ways")
+    extract.add_argument("--model-config", default=None,
+                         help="architecture for single-file checkpoints (a diffusers folder or hub id)")
+    extract.add_argument("--device", default="auto", help="where the SVDs run: auto, cpu, cuda, … (models load on "
+                         "the CPU)")
+    extract.add_argument("--dtype", default="auto", help="the models' dtype while loaded (the SVDs are fp32)")
+    extract.add_argument("--rank", type=int, required=True, help=ExtractOptions.help_of("rank"))
+    extract.add_argument("--conv-rank", type=int, default=None, help=ExtractOptions.help_of("conv_rank"))
+    extract.add_argument("--svd", default="auto", choices=SVD_METHODS, help=ExtractOptions.help_of("svd"))
+    extract.add_argument("--min-difference", type=float, default=0.0, help=ExtractOptions.help_of("min_difference"))
+    extract.add_argument("--format", default="difflora", choices=WRITE_LAYOUTS)
+    extract.add_argument("--out", default=None, help="output .safetensors (default: <tuned>-lora.safetensors)")
+    extract.set_defaults(run=_cmd_extract, command_parser=extract)
+
+
+def _add_blend_parser(commands) -> None:
+    from .blend import BLEND_METHODS
+    from .formats import WRITE_LAYOUTS
+
+    blend_parser = commands.add_parser("blend", help="blend adapters with weights into one")
+    blend_parser.add_argument("adapters", nargs="+", metavar="FILE[:WEIGHT]",
+                              help="adapters and weights (negative allowed)")
+    blend_parser.add_argument("--method", default="concat", choices=BLEND_METHODS,
+                              help="concat: exact, rank = sum of ranks; svd: best rank-R approximation; "
+                              "ties/dare: PEFT's merges")
+    blend_parser.add_argument("--rank", type=int, default=None,
+                              help="rank of the result (svd, ties, dare); with concat, the rank that LoHa, LoKr and "
+                              "full diffs join the exact LoRA factors at (by SVD, error printed)")
+    blend_parser.add_argument("--density", type=float, default=0.5, help="share of entries ties/dare keep")
+    blend_parser.add_argument("--model", default=None,
+                              help="the base model, needed only for DoRA modules (their change depends on its "
+                              "weights; the blend holds that change as LoRA)")
+    blend_parser.add_argument("--model-config", default=None, help="architecture of a single-file --model")
+    blend_parser.add_argument("--format", default=None, choices=WRITE_LAYOUTS, help=FORMAT_HELP)
+    blend_parser.add_argument("--out", required=True)
+    blend_parser.set_defaults(run=_cmd_blend, command_parser=blend_parser)
+
+
+FORMAT_HELP = "output layout (default: difflora, or kohya when the result holds LoHa, LoKr, full diffs or DoRA)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     from ._version import __version__
-    from .blend import BLEND_METHODS
     from .formats import WRITE_LAYOUTS
 
     parser = OneLineErrorParser(
@@ -339,25 +458,18 @@ def build_parser() -> argparse.ArgumentParser:
                          help="output format (peft: a folder with one PEFT adapter folder per component)")
     convert.add_argument("--out", required=True, help="output .safetensors (a new folder for --to peft)")
     convert.add_argument("--strict", action="store_true", help="fail if any key of IN cannot be carried over")
+    convert.add_argument("--rank", type=int, default=None,
+                         help="for --to diffusers/peft/difflora: the rank of the LoRA (by SVD, error printed) that "
+                         "modules those formats cannot hold (LoHa, LoKr, full diffs) become")
     convert.set_defaults(run=_cmd_convert, command_parser=convert)
 
-    blend_parser = commands.add_parser("blend", help="blend adapters with weights into one")
-    blend_parser.add_argument("adapters", nargs="+", metavar="FILE[:WEIGHT]",
-                              help="adapters and weights (negative allowed)")
-    blend_parser.add_argument("--method", default="concat", choices=BLEND_METHODS,
-                              help="concat: exact, rank = sum of ranks; svd: best rank-R approximation; "
-                              "ties/dare: PEFT's merges")
-    blend_parser.add_argument("--rank", type=int, default=None, help="rank of the result (svd, ties, dare)")
-    blend_parser.add_argument("--density", type=float, default=0.5, help="share of entries ties/dare keep")
-    blend_parser.add_argument("--format", default="difflora", choices=WRITE_LAYOUTS)
-    blend_parser.add_argument("--out", required=True)
-    blend_parser.set_defaults(run=_cmd_blend, command_parser=blend_parser)
+    _add_blend_parser(commands)
 
     scale = commands.add_parser("scale", help="bake a weight (and block weights) into an adapter file")
     scale.add_argument("input", metavar="IN")
     scale.add_argument("--weight", type=float, default=1.0)
     scale.add_argument("--block-weights", default=None, metavar="down=…,mid=…,up=…")
-    scale.add_argument("--format", default="difflora", choices=WRITE_LAYOUTS)
+    scale.add_argument("--format", default=None, choices=WRITE_LAYOUTS, help=FORMAT_HELP)
     scale.add_argument("--out", required=True)
     scale.set_defaults(run=_cmd_scale, command_parser=scale)
 
@@ -367,7 +479,7 @@ def build_parser() -> argparse.ArgumentParser:
     size.add_argument("--rank", type=int, help="new rank")
     size.add_argument("--energy", type=float,
                       help="keep the least rank holding this share of the squared singular values")
-    resize.add_argument("--format", default="difflora", choices=WRITE_LAYOUTS)
+    resize.add_argument("--format", default=None, choices=WRITE_LAYOUTS, help=FORMAT_HELP)
     resize.add_argument("--out", required=True)
     resize.set_defaults(run=_cmd_resize, command_parser=resize)
 
@@ -378,6 +490,8 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--out", required=True,
                        help="new folder for a diffusers model, or FILE.safetensors for one single-file checkpoint")
     merge.set_defaults(run=_cmd_merge, command_parser=merge)
+
+    _add_extract_parser(commands)
 
     # Listed for --help only: main() hands "difflora train/webui ..." over before parsing.
     commands.add_parser("train", help="train a LoRA style adapter (difflora train --help lists its options)")

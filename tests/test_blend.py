@@ -294,23 +294,25 @@ def lycoris_loha_file(folder: Path) -> Path:
     return path
 
 
-def test_blend_scale_and_resize_refuse_updates_that_are_not_lora_naming_the_module(tmp_path, capsys):
+def test_blend_scale_and_resize_take_a_lycoris_file_and_refuse_what_needs_a_rank_naming_it(tmp_path, capsys):
+    """Every kind goes through blend, scale and resize now (tests/test_blend_kinds.py checks the maths); what a LoHa
+    needs and lacks is told in one line naming the flag, and nothing is written."""
     from difflora.cli import main
     from difflora.formats import read_adapter
 
     path = lycoris_loha_file(tmp_path)
-    loha = read_adapter(path)
-    said = f"module {TO_Q!r} is a loha update; blend, scale and resize take LoRA factors only"
-    for call, message in [
-        (lambda: blend([(huge_adapter(1.0), 1.0), (loha, 1.0)]), f"adapters: adapter 2's {said}"),
-        (lambda: scale_adapter(loha, 0.5), f"state: {said}"),
-        (lambda: resize_adapter(loha, rank=1), f"state: {said}"),
-    ]:
-        with pytest.raises(InvalidArgumentError) as caught:
-            call()
-        assert str(caught.value) == message
-    out = str(tmp_path / "out.safetensors")
-    for argv in (["scale", str(path), "--weight", "0.5"], ["resize", str(path), "--rank", "1"]):
-        assert main([*argv, "--out", out]) == 2
-        assert capsys.readouterr().err == f"difflora: error: {path}: {said}\n"  # the command line names the file
+    loha = read_adapter(path).modules[TO_Q]
+    out = tmp_path / "out.safetensors"
+    assert main(["blend", str(path), "--out", str(out)]) == 2
+    assert capsys.readouterr().err == (
+        f"difflora: error: --rank is required to concat adapter 1, whose module {TO_Q!r} is loha: its update joins "
+        "the blend as LoRA by SVD at that rank (a positive integer), got None\n")
     assert sorted(tmp_path.iterdir()) == [path]
+    assert main(["scale", str(path), "--weight", "0.5", "--out", str(out)]) == 0
+    scaled = read_adapter(out)  # a LoHa stays a LoHa, so the file is kohya's (difflora files hold LoRA only)
+    assert scaled.source_format == "kohya" and scaled.modules[TO_Q].kind == "loha"
+    torch.testing.assert_close(scaled.modules[TO_Q].delta_weight(), 0.5 * loha.delta_weight())
+    resized = tmp_path / "resized.safetensors"
+    assert main(["resize", str(path), "--rank", "1", "--out", str(resized)]) == 0
+    assert "1 module, relative error per module" in capsys.readouterr().err
+    assert read_adapter(resized).modules[TO_Q].kind == "lora" and read_adapter(resized).source_format == "difflora"

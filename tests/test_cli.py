@@ -1,5 +1,6 @@
 """The command line seen from outside: images on disk with their parameters, inspect, one-line errors."""
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -280,3 +281,170 @@ def test_error_lines_name_flags_but_leave_paths_and_keys_alone():
     assert error_line(error, flags) == f"difflora: error: {where} holds NaN (--block-weights)."
     assert error_line(DiffloraError("rank must be > 0", "rank"), flags) == "difflora: error: --rank must be > 0"
     assert error_line(DiffloraError("rank must be > 0", "rank"), ()) == "difflora: error: rank must be > 0"
+
+
+# ----- every kind through convert, blend, merge; extract's flags ------------------------------------------------------
+
+TO_Q = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+CONV1 = "unet.down_blocks.0.resnets.0.conv1"
+TIME_EMB = "unet.down_blocks.0.resnets.0.time_emb_proj"
+
+
+def lycoris_mix_file(pipe, folder):
+    """A file as LyCORIS and kohya write them, under kohya's names: a LoRA on an attention projection
+    (``lora_down``/``lora_up``/``alpha``), a LoHa on a 3×3 conv held as a matrix out × in·9 (``hada_*``, LyCORIS'
+    non-Tucker conv layout) and a LoKr on a Linear (``lokr_w1`` whole, ``lokr_w2_a``/``_b``)."""
+    generator = torch.Generator().manual_seed(21)
+
+    def draw(*size):
+        return torch.randn(*size, generator=generator) * 0.2
+
+    layers = dict(pipe.unet.named_modules())
+    q_out, q_in = layers[TO_Q.removeprefix("unet.")].weight.shape
+    c_out, c_in = layers[CONV1.removeprefix("unet.")].weight.shape[:2]
+    t_out, t_in = layers[TIME_EMB.removeprefix("unet.")].weight.shape
+    name = {key: "lora_unet_" + key.removeprefix("unet.").replace(".", "_") for key in (TO_Q, CONV1, TIME_EMB)}
+    tensors = {
+        f"{name[TO_Q]}.lora_down.weight": draw(4, q_in), f"{name[TO_Q]}.lora_up.weight": draw(q_out, 4),
+        f"{name[TO_Q]}.alpha": torch.tensor(2.0),
+        f"{name[CONV1]}.hada_w1_a": draw(c_out, 2), f"{name[CONV1]}.hada_w1_b": draw(2, c_in * 9),
+        f"{name[CONV1]}.hada_w2_a": draw(c_out, 2), f"{name[CONV1]}.hada_w2_b": draw(2, c_in * 9),
+        f"{name[CONV1]}.alpha": torch.tensor(2.0),
+        f"{name[TIME_EMB]}.lokr_w1": draw(2, 2), f"{name[TIME_EMB]}.lokr_w2_a": draw(t_out // 2, 2),
+        f"{name[TIME_EMB]}.lokr_w2_b": draw(2, t_in // 2), f"{name[TIME_EMB]}.alpha": torch.tensor(1.0),
+    }
+    path = folder / "mix.safetensors"
+    save_file(tensors, str(path), metadata={"ss_network_module": "lycoris.kohya",
+                                            "ss_network_args": '{"algo": "loha"}'})
+    return path
+
+
+def unet_output(pipe):
+    generator = torch.Generator().manual_seed(1)
+    latents = torch.randn(1, 4, 16, 16, generator=generator)
+    context = torch.randn(1, 77, pipe.unet.config.cross_attention_dim, generator=generator)
+    with torch.no_grad():
+        return pipe.unet(latents, torch.tensor([500]), context).sample
+
+
+def test_convert_to_diffusers_writes_lora_as_it_is_and_the_rest_as_lora_at_rank(tiny_model_dir, tmp_path, capsys):
+    from difflora.formats import read_adapter
+
+    source = lycoris_mix_file(load_pipeline(tiny_model_dir, quiet=True), tmp_path)
+    original = read_adapter(source)
+    out = tmp_path / "out.safetensors"
+    assert main(["convert", str(source), "--to", "diffusers", "--out", str(out)]) == 2
+    assert capsys.readouterr().err == (
+        f"difflora: error: --rank is required: module {CONV1!r} is loha, which a diffusers file holds only as LoRA "
+        "by SVD at that rank (a positive integer), got None\n")
+    for bad, message in ((["--rank", "0"], "--rank must be a positive integer"),
+                         (["--rank", "4", "--to", "kohya"], "--rank must be a positive integer, for --to diffusers")):
+        argv = ["convert", str(source), "--to", "diffusers", *bad, "--out", str(out)]
+        assert main(argv) == 2 and message in capsys.readouterr().err
+    assert not out.exists()
+
+    assert main(["convert", str(source), "--to", "diffusers", "--rank", "288", "--out", str(out)]) == 0
+    assert "turned into LoRA by SVD at rank 288: 2 modules, relative error per module" in capsys.readouterr().err
+    converted = read_adapter(out)
+    assert set(converted.modules) == set(original.modules)
+    assert torch.equal(converted.modules[TO_Q].up, original.modules[TO_Q].up)  # LoRA: as it is
+    conv = converted.modules[CONV1]  # a conv LoRA: 3×3 down, 1×1 up
+    assert conv.kind == "lora" and conv.down.shape[2:] == (3, 3) and conv.up.shape[2:] == (1, 1)
+    for key in (CONV1, TIME_EMB):  # at full rank, the same update
+        expected = original.modules[key].delta_weight().flatten(1)
+        assert float((converted.modules[key].delta_weight().flatten(1) - expected).norm() / expected.norm()) < 1e-5
+
+    ours, theirs = load_pipeline(tiny_model_dir, quiet=True), load_pipeline(tiny_model_dir, quiet=True)
+    LoRARuntime.attach(ours).load(out, weight=0.8)
+    LoRARuntime.attach(theirs).load(source, weight=0.8)
+    plain = load_pipeline(tiny_model_dir, quiet=True)
+    plain.load_lora_weights(str(out))  # diffusers itself applies every module of the converted file
+    plain.set_adapters(plain.get_active_adapters(), [0.8])
+    expected, before = unet_output(theirs), unet_output(load_pipeline(tiny_model_dir, quiet=True))
+    effect = float((expected - before).abs().max())
+    assert effect > 1e-3
+    for pipe in (ours, plain):
+        assert float((unet_output(pipe) - expected).abs().max()) <= 1e-5 * max(1.0, effect)
+
+    low = tmp_path / "low"
+    assert main(["convert", str(source), "--to", "peft", "--rank", "1", "--out", str(low)]) == 0
+    assert "at rank 1" in capsys.readouterr().err and (low / "unet" / "adapter_config.json").exists()
+
+
+def test_blend_of_a_lycoris_file_and_a_lora_and_merge_of_every_kind(tiny_model_dir, adapter_file, tmp_path, capsys):
+    from diffusers import StableDiffusionPipeline
+
+    from difflora.formats import read_adapter
+
+    source = lycoris_mix_file(load_pipeline(tiny_model_dir, quiet=True), tmp_path)
+    blended = tmp_path / "blend.safetensors"
+    assert main(["blend", f"{source}:0.6", f"{adapter_file}:-0.4", "--rank", "288", "--out", str(blended)]) == 0
+    assert "relative error per module" in capsys.readouterr().err
+    mix, lora, result = read_adapter(source), read_adapter(adapter_file), read_adapter(blended)
+    for key in set(mix.modules) | set(lora.modules):
+        expected = sum(weight * state.modules[key].delta_weight().flatten(1)
+                       for state, weight in ((mix, 0.6), (lora, -0.4)) if key in state.modules)
+        got = result.modules[key].delta_weight().flatten(1)
+        assert float((got - expected).norm() / expected.norm()) < 1e-5, key
+
+    # merge bakes LoRA, LoHa and LoKr into the weights: the saved model equals the runtime with the file.
+    out = tmp_path / "merged"
+    assert main(["merge", "--model", str(tiny_model_dir), "--lora", f"{source}:0.7", "--out", str(out)]) == 0
+    merged = StableDiffusionPipeline.from_pretrained(out)
+    reference = load_pipeline(tiny_model_dir, quiet=True)
+    LoRARuntime.attach(reference).load(source, weight=0.7)
+    expected, before = unet_output(reference), unet_output(load_pipeline(tiny_model_dir, quiet=True))
+    effect = float((expected - before).abs().max())
+    assert effect > 1e-3 and float((unet_output(merged) - expected).abs().max()) <= 1e-5 * max(1.0, effect)
+
+
+def test_extract_refuses_bad_flags_in_one_line_before_loading_models(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "x.safetensors"
+    common = ["extract", "--base", str(tiny_model_dir), "--tuned", str(tiny_model_dir)]
+    cases = [
+        ([*common, "--rank", "0", "--out", str(out)], "difflora: error: --rank must be a positive integer, got 0"),
+        ([*common, "--rank", "2", "--conv-rank", "-3", "--out", str(out)],
+         "difflora: error: --conv-rank must be a positive integer, got -3"),
+        ([*common, "--rank", "2", "--out", str(tmp_path / "x.bin")], "difflora: error: --out"),
+        ([*common, "--rank", "2", "--out", str(out)],
+         "difflora: error: --tuned: no Linear or Conv2d weight differs from the base model's; nothing to extract"),
+        (["extract", "--base", str(tiny_model_dir), "--tuned", str(tmp_path / "nowhere"), "--rank", "2", "--out",
+          str(out)], "nowhere"),
+        (["extract", "--base", str(tiny_model_dir), "--rank", "2"], "the following arguments are required: --tuned"),
+    ]
+    for argv, message in cases:
+        with pytest.raises(SystemExit) if "--tuned" not in argv else contextlib.nullcontext():
+            assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err, (argv, err)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_blend_takes_dora_with_the_base_model_and_refuses_it_without(tiny_model_dir, adapter_file, tmp_path, capsys):
+    """A DoRA file as LyCORIS writes it (``dora_scale`` out × 1 beside ``lora_down``/``lora_up``): its change
+    depends on the base weights, so blend needs --model; with it, the blend at weight w is the DoRA at w."""
+    pipe = load_pipeline(tiny_model_dir, quiet=True)
+    weight = dict(pipe.unet.named_modules())[TO_Q.removeprefix("unet.")].weight.detach()
+    generator = torch.Generator().manual_seed(5)
+    name = "lora_unet_" + TO_Q.removeprefix("unet.").replace(".", "_")
+    tensors = {f"{name}.lora_down.weight": torch.randn(2, weight.shape[1], generator=generator) * 0.3,
+               f"{name}.lora_up.weight": torch.randn(weight.shape[0], 2, generator=generator) * 0.3,
+               f"{name}.alpha": torch.tensor(2.0),
+               f"{name}.dora_scale": weight.norm(dim=1, keepdim=True) * (1.5 + torch.rand(weight.shape[0], 1))}
+    dora = tmp_path / "dora.safetensors"
+    save_file(tensors, str(dora), metadata={"ss_network_module": "lycoris.kohya", "ss_network_args": '{"algo": '
+                                            '"lora", "dora_wd": true, "wd_on_output": true}'})
+    out = tmp_path / "blend.safetensors"
+    assert main(["blend", f"{dora}:0.7", "--method", "svd", "--rank", "32", "--out", str(out)]) == 2
+    assert capsys.readouterr().err == (
+        f"difflora: error: {dora}: module {TO_Q!r} is lora with DoRA, whose change depends on the base model's "
+        "weights: give that model with --model (or use the file as it is: generate, merge)\n")
+    assert not out.exists()
+    argv = ["blend", f"{dora}:0.7", f"{adapter_file}:0.0", "--rank", "32", "--model", str(tiny_model_dir)]
+    assert main([*argv, "--out", str(out)]) == 0
+    ours, theirs = load_pipeline(tiny_model_dir, quiet=True), load_pipeline(tiny_model_dir, quiet=True)
+    LoRARuntime.attach(ours).load(out)
+    LoRARuntime.attach(theirs).load(dora, weight=0.7)
+    expected, before = unet_output(theirs), unet_output(pipe)
+    effect = float((expected - before).abs().max())
+    assert effect > 1e-3 and float((unet_output(ours) - expected).abs().max()) <= 1e-5 * max(1.0, effect)

@@ -370,7 +370,7 @@ def test_files_with_nothing_to_apply_or_inconsistent_modules_are_refused(tensors
 
 def test_a_diffusers_module_holding_more_than_its_factors_is_skipped_whole():
     """PEFT writes a LoRA bias (``lora_B.bias``) beside the factors (``lora_bias=True``); without it the factors are
-    another update, so the module is skipped, every key of it. (DoRA magnitudes are read: tests/test_formats_dora.py.)"""
+    another update, so the module is skipped, every key of it. (DoRA magnitudes are read: test_formats_dora.py.)"""
     extra = "lora_B.bias"
     dora, plain = "unet.down_blocks.0.resnets.0.conv1", "unet.conv_in"
     module = {f"{dora}.lora_A.weight": torch.ones(2, 32, 3, 3), f"{dora}.lora_B.weight": torch.ones(32, 2, 1, 1),
