@@ -35,7 +35,7 @@ def main() -> None:
     from difflora import LoRARuntime
     from difflora.generate import GenerationSettings, generate
     from difflora.pipelines import load_pipeline
-    from difflora.webui import SLOT_COUNT, MODEL_SCHEDULER, WebUISession, build_app
+    from difflora.webui import MODEL_SCHEDULER, WebUISession, build_app
 
     lora_dir = Path(tempfile.mkdtemp(prefix="difflora-bench-webui-"))
     maker = LoRARuntime.attach(load_pipeline(None, quiet=True))
@@ -60,9 +60,7 @@ def main() -> None:
 
     def form(weight: float) -> list:
         values = ["a lighthouse", "", args.steps, 7.5, 1, False, 64, 64, MODEL_SCHEDULER, 1, False]
-        rows = [["one.safetensors", weight, True, ""], ["two.safetensors", -0.3, True, ""]]
-        rows += [[None, 1.0, True, ""]] * (SLOT_COUNT - len(rows))
-        return values + [value for row in rows for value in row]
+        return values + [[["one.safetensors", weight, True, ""], ["two.safetensors", -0.3, True, ""]]]
 
     client.predict(*form(0.5), api_name="/generate")  # warm-up: files loaded once here
     generate(direct, settings)

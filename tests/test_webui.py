@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import save_file
 
 pytest.importorskip("gradio")
 from gradio_client import Client, handle_file  # noqa: E402
@@ -21,10 +22,12 @@ from gradio_client.exceptions import AppError  # noqa: E402
 from difflora import LoRARuntime, webui  # noqa: E402
 from difflora.adapter import AdapterState  # noqa: E402
 from difflora.blend import blend  # noqa: E402
+from difflora.blocks import BlockWeights  # noqa: E402
 from difflora.errors import AdapterFileError, InvalidArgumentError  # noqa: E402
 from difflora.formats import read_adapter  # noqa: E402
 from difflora.generate import GenerationSettings, generate  # noqa: E402
 from difflora.pipelines import load_pipeline  # noqa: E402
+from difflora.train import make_config  # noqa: E402
 from helpers import served_app  # noqa: E402
 from difflora.webui import (  # noqa: E402
     SLOT_COUNT,
@@ -70,12 +73,17 @@ def client(session, tmp_path_factory):
 def generate_form(prompt=PROMPT, slots=(), steps=3, seed=7, fuse=False, scheduler=webui.MODEL_SCHEDULER):
     """The Generate tab's values in the order the page sends them (GenerateRequest.FORM_FIELDS, then the slots)."""
     values = [prompt, "", steps, 5.0, seed, False, 64, 64, scheduler, 1, fuse]
-    rows = [list(slot) for slot in slots] + [[None, 1.0, True, ""]] * (SLOT_COUNT - len(slots))
-    return values + [value for row in rows for value in row]
+    return values + [[list(slot) for slot in slots]]
+
+
+def settings_form(**settings):
+    """The Generate tab's settings alone (what the blend preview takes): no adapter rows."""
+    return generate_form(**settings)[:-1]
 
 
 def blend_form(pairs, method="concat", rank=0, density=0.5):
-    rows = [list(pair) for pair in pairs] + [[None, 1.0]] * (SLOT_COUNT - len(pairs))
+    """The Blend tab's values: its SLOT_COUNT rows (file, weight, block weights; "" when a pair gives none)."""
+    rows = [[*pair, ""][:3] for pair in pairs] + [[None, 1.0, ""]] * (SLOT_COUNT - len(pairs))
     return [value for row in rows for value in row] + [method, rank, density]
 
 
@@ -88,19 +96,59 @@ def gallery_files(gallery) -> list[str]:
 
 
 def library_image(tiny_model_dir, lora_dir, weights: dict[str, float], seed=7, scheduler: str | None = None,
-                  blended: AdapterState | None = None) -> np.ndarray:
-    """The image the library gives without the UI: ``weights`` of files of ``lora_dir``, optionally a ``blended``
-    adapter at weight 1, and the diffusers ``scheduler`` class built from the model's own scheduler config."""
+                  blended: AdapterState | None = None, block_weights: dict[str, str] | None = None) -> np.ndarray:
+    """The image the library gives without the UI: ``weights`` of files of ``lora_dir`` (with ``block_weights``
+    of some, by name), optionally a ``blended`` adapter at weight 1, and the diffusers ``scheduler`` class built
+    from the model's own scheduler config."""
     pipe = load_pipeline(tiny_model_dir, quiet=True)
     runtime = LoRARuntime.attach(pipe)
     for name, weight in weights.items():
-        runtime.load(lora_dir / f"{name}.safetensors", weight=weight)
+        blocks = (block_weights or {}).get(name)
+        runtime.load(lora_dir / f"{name}.safetensors", weight=weight,
+                     block_weights=BlockWeights.parse(blocks) if blocks else None)
     if blended is not None:
         runtime.add_adapter("blended", blended, 1.0)
     if scheduler is not None:
         pipe.scheduler = getattr(diffusers, scheduler).from_config(pipe.scheduler.config)
     settings = GenerationSettings(PROMPT, steps=3, guidance=5.0, seed=seed, width=64, height=64)
     return generate(pipe, settings, output_type="np")[0]
+
+
+def lycoris_files(pipe, folder: Path) -> None:
+    """``loha.safetensors`` and ``lokr.safetensors`` as LyCORIS writes them (its kohya-named ``lycoris.kohya``
+    network): ``hada_w1_a`` … ``hada_w2_b`` / ``lokr_w1`` whole with ``lokr_w2_a``/``_b``, and ``alpha``, on an
+    attention projection, a 3×3 conv (held as a matrix out × in·9, LyCORIS' layout without a Tucker core), a
+    Linear of a resnet and the CLIP MLP."""
+    generator = torch.Generator().manual_seed(31)
+
+    def draw(*size):
+        return torch.randn(*size, generator=generator) * 0.3
+
+    layers = {**{f"lora_unet_{path}": module for path, module in pipe.unet.named_modules()},
+              **{f"lora_te_{path.removeprefix('text_model.')}": module
+                 for path, module in pipe.text_encoder.named_modules()}}
+    shapes = {name.replace(".", "_"): tuple(module.weight.shape) for name, module in layers.items()
+              if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d))}
+    targets = {
+        "loha": ["lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q",
+                 "lora_unet_down_blocks_0_resnets_0_conv1", "lora_te_encoder_layers_0_mlp_fc1"],
+        "lokr": ["lora_unet_up_blocks_1_attentions_0_transformer_blocks_0_attn2_to_v",
+                 "lora_unet_down_blocks_0_resnets_0_time_emb_proj", "lora_unet_up_blocks_1_resnets_0_conv2"],
+    }
+    for algo, names in targets.items():
+        tensors = {}
+        for name in names:
+            out_features, in_features, *kernel = shapes[name]
+            flat = in_features * (kernel[0] * kernel[1] if kernel else 1)
+            if algo == "loha":
+                tensors |= {f"{name}.hada_w1_a": draw(out_features, 2), f"{name}.hada_w1_b": draw(2, flat),
+                            f"{name}.hada_w2_a": draw(out_features, 2), f"{name}.hada_w2_b": draw(2, flat)}
+            else:
+                tensors |= {f"{name}.lokr_w1": draw(2, 2), f"{name}.lokr_w2_a": draw(out_features // 2, 2),
+                            f"{name}.lokr_w2_b": draw(2, flat // 2)}
+            tensors[f"{name}.alpha"] = torch.tensor(2.0)
+        save_file(tensors, str(folder / f"{algo}.safetensors"),
+                  metadata={"ss_network_module": "lycoris.kohya", "ss_network_args": f'{{"algo": "{algo}"}}'})
 
 
 def test_page_generates_the_library_image_and_saves_it_with_its_parameters(client, session, tiny_model_dir, lora_dir):
@@ -170,7 +218,7 @@ def test_blend_save_writes_a_file_and_preview_leaves_no_adapter(client, session,
 
     # The preview is the blend alone: the library's image for the blended adapter, with the slots' adapters off.
     slots = [("alpha.safetensors", 0.7, True, "")]
-    image, note = client.predict(*blend_form(pairs), *generate_form(slots=slots), api_name="/blend_preview")
+    image, note = client.predict(*blend_form(pairs), *settings_form(slots=slots), api_name="/blend_preview")
     assert "seed 7" in note
     states = [(read_adapter(lora_dir / file), weight) for file, weight in pairs]
     expected = library_image(tiny_model_dir, lora_dir, {}, blended=blend(states).state)
@@ -319,3 +367,130 @@ def test_concurrent_users_get_their_own_mix(session, lora_dir, tiny_model_dir):
         settings = GenerationSettings(PROMPT, steps=3, guidance=5.0, seed=3, width=64, height=64)
         expected = generate(pipe, settings, output_type="np")[0]
         assert abs(pixels(results[name].files[0]) - expected).max() <= 1 / 255, name
+
+
+@pytest.fixture(scope="module")
+def lycoris_in_folder(client, lora_dir, tiny_model_dir):
+    """``loha.safetensors`` and ``lokr.safetensors`` (as LyCORIS writes them) in the adapter folder, and in the
+    lists of the client's page."""
+    lycoris_files(load_pipeline(tiny_model_dir, quiet=True), lora_dir)
+    client.predict(api_name="/refresh_adapters")
+    return lora_dir
+
+
+def test_every_kind_generates_the_library_image_and_is_inspected_by_kind(client, lycoris_in_folder, tiny_model_dir):
+    """A LoHa and a LoKr file with a LoRA, in rows of the API's list, give the library's image of that mix; Inspect
+    names each file's algorithm and its layers per component."""
+    lora_dir = lycoris_in_folder
+    slots = [("loha.safetensors", 0.8, True, ""), ("alpha.safetensors", 0.5, True, ""),
+             ("lokr.safetensors", -0.7, True, "up=0.5")]
+    gallery, _, status = client.predict(*generate_form(slots=slots), api_name="/generate")
+    page_image = pixels(gallery_files(gallery)[0])
+    expected = library_image(tiny_model_dir, lora_dir, {"loha": 0.8, "alpha": 0.5, "lokr": -0.7},
+                             block_weights={"lokr": "up=0.5"})
+    assert np.abs(page_image - expected).max() <= 1 / 255 + 1e-6
+    assert np.abs(page_image - library_image(tiny_model_dir, lora_dir, {"alpha": 0.5})).max() > 4 / 255
+    *_, table = client.predict(api_name="/refresh_adapters")
+    assert "| loha.safetensors | kohya | loha · text_encoder: linear 1 · unet: linear 2 |" in table
+    for file, algorithm in (("loha.safetensors", "loha"), ("lokr.safetensors", "lokr")):
+        text, summary = client.predict(file, api_name="/inspect")
+        assert summary["algorithms"] == [algorithm] and f"**algorithms**: {algorithm}" in text
+        assert "**layers**: " in text and "unet: linear" in text
+    assert "text_encoder: linear 1" in client.predict("loha.safetensors", api_name="/inspect")[0]
+
+
+def test_blend_rows_block_weights_act_as_they_do_on_the_generate_tab(client, tiny_model_dir, lora_dir):
+    """A concat blend of rows with block weights previews as the library's image of the same adapters at the same
+    weights and block weights (concat is exact); without the block weights the image is another one."""
+    rows = [("alpha.safetensors", 0.6, "down=0,mid=2"), ("beta.safetensors", 0.5, "up.1=0,te=0")]
+    image, note = client.predict(*blend_form(rows), *settings_form(), api_name="/blend_preview")
+    expected = library_image(tiny_model_dir, lora_dir, {"alpha": 0.6, "beta": 0.5},
+                             block_weights={"alpha": "down=0,mid=2", "beta": "up.1=0,te=0"})
+    assert np.abs(pixels(image) - expected).max() <= 1 / 255 + 1e-6
+    plain = library_image(tiny_model_dir, lora_dir, {"alpha": 0.6, "beta": 0.5})
+    assert np.abs(pixels(image) - plain).max() > 4 / 255
+    assert "seed 7" in note and "exact" in note
+
+
+def test_a_blend_of_every_kind_is_the_librarys_blend_with_its_error_per_module(client, lycoris_in_folder):
+    """LoHa and LoKr rows blend into the file the library's ``blend`` makes of the same states (their updates at
+    the form's rank), and the report names the modules that are not exact with their relative error."""
+    lora_dir = lycoris_in_folder
+    rows = [("loha.safetensors", 0.8, ""), ("alpha.safetensors", 0.5, ""), ("lokr.safetensors", -0.6, "")]
+    saved, report, *_ = client.predict(*blend_form(rows, method="concat", rank=2), "kinds-mix", "difflora",
+                                       api_name="/blend_save")
+    written = read_adapter(lora_dir / "kinds-mix.safetensors")
+    states = [(read_adapter(lora_dir / file), weight) for file, weight, _ in rows]
+    expected = blend(states, method="concat", rank=2)
+    assert set(written.modules) == set(expected.state.modules)
+    for key, module in expected.state.modules.items():
+        mine = written.modules[key]
+        change, reference = mine.up.flatten(1) @ mine.down.flatten(1), module.up.flatten(1) @ module.down.flatten(1)
+        assert torch.allclose(change, reference, rtol=1e-5, atol=1e-6 * float(reference.abs().max())), key
+    worst = max(expected.relative_errors, key=expected.relative_errors.get)
+    assert expected.relative_errors[worst] > 0 and f"`{worst}`" in report and "relative error" in report
+    (lora_dir / "kinds-mix.safetensors").unlink()
+
+
+def test_the_train_tabs_more_options_are_the_training_dataclasss_and_reach_the_run(client, tmp_path, tiny_model_dir):
+    """Every option of the training dataclass the tab's own fields do not hold is a field of "More options", built
+    from its type and choices (the algorithm, targets and DoRA among them); what the page sends there is what the
+    run trains: a LoHa on the transformer blocks' layers."""
+    fields = {component["props"].get("elem_id"): component for component in client.config["components"]}
+    for name, option in webui.more_training_options().items():
+        field = fields[f"train-{name.replace('_', '-')}"]
+        assert field["props"]["label"] == name.replace("_", " ").capitalize()
+        if option.choices:
+            assert [choice[1] for choice in field["props"]["choices"]] == ["" if c is None else c
+                                                                           for c in option.choices]
+    assert {"algo", "targets", "dora", "conv_rank"} <= set(webui.more_training_options())
+    # The fields as the page first shows them are the dataclass's defaults (an unset number: an empty field).
+    shown = [fields[f"train-{name.replace('_', '-')}"]["props"].get("value") for name in webui.more_training_options()]
+    basic = ["named", str(SAMPLES / "pixel-sunsets"), 2, 2, 0, 1e-3, 2, 64, "", "", 0]
+    options = webui.TrainRequest.from_form(basic + shown).options(64)
+    assert {name: options[name] for name in webui.more_training_options()} == {
+        name: option.default for name, option in webui.more_training_options().items()}
+    make_config({"data": str(SAMPLES / "pixel-sunsets"), **options})
+    values = [None] * len(webui.TrainRequest.FORM_FIELDS)
+    values[:2] = ["lohastyle", str(SAMPLES / "pixel-sunsets")]
+    values[2:8] = [2, 2, 0, 1e-3, 2, 64]
+    more = {name: option.default for name, option in webui.more_training_options().items()}
+    more |= {"algo": "loha", "targets": "transformer", "conv_rank": "", "seed": 3.0}
+    request = webui.TrainRequest.from_form(values + list(more.values()))
+    job = TrainingJob(AdapterLibrary(tmp_path), str(tiny_model_dir), native_size=64, data_root=SAMPLES)
+    assert job.start(request).state == "running"
+    status = job.wait(timeout=300)
+    assert status.state == "finished", status.message
+    trained = read_adapter(tmp_path / "lohastyle.safetensors")
+    assert trained.kinds() == ["loha"] and "ff.net.2" in trained.targets()["unet"]
+
+
+def test_a_dora_row_blends_against_the_models_own_weights(client, session, lora_dir, tiny_model_dir):
+    """DoRA's change depends on the base weights, which ``blend`` refuses to guess: the Blend tab gives it the
+    model's own, so the file is the library's blend with the weights of a freshly loaded model (fused or not)."""
+    from difflora.extract import layer_weights
+
+    runtime = LoRARuntime.attach(load_pipeline(tiny_model_dir, quiet=True))
+    runtime.create_adapter("magnitudes", rank=2, dora=True, init="random", seed=5)
+    runtime.save("magnitudes", lora_dir / "magnitudes.safetensors")
+    client.predict(api_name="/refresh_adapters")
+    client.predict(*generate_form(slots=[("alpha.safetensors", 0.5, True, "")], fuse=True), api_name="/generate")
+    rows = [("magnitudes.safetensors", 0.7, ""), ("alpha.safetensors", 0.5, "")]
+    try:
+        client.predict(*blend_form(rows, method="concat", rank=3), "dora-mix", "difflora", api_name="/blend_save")
+        written = read_adapter(lora_dir / "dora-mix.safetensors")
+    finally:
+        (lora_dir / "magnitudes.safetensors").unlink()
+        (lora_dir / "dora-mix.safetensors").unlink(missing_ok=True)
+    states = [(runtime.adapter_state("magnitudes"), 0.7), (read_adapter(lora_dir / "alpha.safetensors"), 0.5)]
+    with pytest.raises(InvalidArgumentError):
+        blend(states, method="concat", rank=3)  # no base weights: refused
+    dora = [key for key, module in states[0][0].modules.items() if module.dora_scale is not None]
+    fresh = load_pipeline(tiny_model_dir, quiet=True)
+    base = layer_weights({"unet": fresh.unet, "text_encoder": fresh.text_encoder}, dora)
+    expected = blend(states, method="concat", rank=3, base_weights=base).state
+    assert dora and set(written.modules) == set(expected.modules)
+    for key, module in expected.modules.items():
+        mine = written.modules[key]
+        change, reference = mine.up.flatten(1) @ mine.down.flatten(1), module.up.flatten(1) @ module.down.flatten(1)
+        assert torch.allclose(change, reference, rtol=1e-5, atol=1e-6 * float(reference.abs().max())), key

@@ -29,8 +29,8 @@ from difflora import LoRARuntime, webui  # noqa: E402
 from difflora.errors import InvalidArgumentError  # noqa: E402
 from difflora.formats import read_adapter, write_adapter  # noqa: E402
 from difflora.pipelines import load_pipeline  # noqa: E402
-from difflora.webui import SLOT_COUNT, AdapterLibrary, GenerateRequest, TrainingJob, WebUISession  # noqa: E402
-from difflora.webui import page  # noqa: E402
+from difflora.webui import AdapterLibrary, GenerateRequest, TrainingJob, WebUISession  # noqa: E402
+from difflora.webui import page, tab_inspect  # noqa: E402
 from difflora.webui.page import GENERATE_LABELS, in_field_words  # noqa: E402
 from helpers import random_adapter, served_app  # noqa: E402
 
@@ -69,8 +69,7 @@ def served(folders, tiny_model_dir, tmp_path_factory):
 def generate_form(slots=(), prompt="a castle", fuse=False):
     """The Generate tab's values (GenerateRequest.FORM_FIELDS, then the adapter rows), 2 steps at 64 × 64."""
     values = [prompt, "", 2, 5.0, 7, False, 64, 64, "Model default", 1, fuse]
-    rows = [list(slot) for slot in slots] + [[None, 1.0, True, ""]] * (SLOT_COUNT - len(slots))
-    return values + [value for row in rows for value in row]
+    return values + [[list(slot) for slot in slots]]
 
 
 def train_form(dataset):
@@ -162,16 +161,18 @@ def test_gradios_own_refusals_are_one_line_in_the_server_log(served, caplog, cap
     """A value Gradio refuses before any callback runs (a stale page, an API client): the client gets Gradio's one
     line, the server log one line too, and no traceback."""
     session, client = served
-    caplog.set_level(logging.WARNING, logger="difflora.webui.page")
+    caplog.set_level(logging.WARNING, logger="difflora.webui.page_kit")
     with pytest.raises(AppError, match="not in the list of choices"):
         client.predict("stale.safetensors", api_name="/inspect")
+    too_many_steps = generate_form([("alpha.safetensors", 0.5, True, "")])
+    too_many_steps[2] = 500  # the Steps slider stops at 150
     with pytest.raises(AppError, match="greater than maximum"):
-        client.predict(*generate_form([("alpha.safetensors", 5.0, True, "")]), api_name="/generate")
+        client.predict(*too_many_steps, api_name="/generate")
     steps = train_form("cats")
     steps[2] = "many"  # a value of the wrong type: Gradio's own message, which it would not even send
     with pytest.raises(AppError, match="Could not preprocess input component at index 2"):
         client.predict(*steps, api_name="/train_start")
-    records = [record for record in caplog.records if record.name == "difflora.webui.page"]
+    records = [record for record in caplog.records if record.name == "difflora.webui.page_kit"]
     assert [record.levelno for record in records] == [logging.WARNING] * 3
     assert all(word in record.getMessage() for record, word in zip(records, ("stale.safetensors", "maximum", "'many'")))
     assert all("\n" not in record.getMessage() and record.exc_info is None for record in records)
@@ -192,7 +193,7 @@ def test_the_train_tabs_numbers_stop_at_the_librarys_maxima(served, caplog):
               "validation-steps": NUMBER_RANGES["validation_steps"][1]}
     assert maxima["resolution"] == 4096
     assert {name: fields[f"train-{name}"].get("maximum") for name in maxima} == maxima
-    caplog.set_level(logging.WARNING, logger="difflora.webui.page")
+    caplog.set_level(logging.WARNING, logger="difflora.webui.page_kit")
     for index, name, above in [(2, "steps", 1), (3, "rank", 1), (6, "batch-size", 1), (7, "resolution", 8)]:
         form = train_form("cats")
         form[index] = maxima[name] + above
@@ -259,7 +260,7 @@ def test_an_upload_only_inspected_goes_when_its_page_replaces_it_or_after_its_ti
     client.predict(handle_file(str(delta)), api_name="/inspect_upload")  # the same page (client session) replaces it
     assert not cached(folders, "gamma.safetensors") and cached(folders, "delta.safetensors")
 
-    monkeypatch.setattr(page, "UPLOAD_KEPT_SECONDS", 1)
+    monkeypatch.setattr(tab_inspect, "UPLOAD_KEPT_SECONDS", 1)
     with served_app(session) as url:
         short = Client(url, verbose=False, analytics_enabled=False, download_files=str(tmp_path / "downloads"))
         short.predict(handle_file(str(gamma)), api_name="/inspect_upload")
@@ -365,3 +366,64 @@ def pixels_equal(first, second) -> bool:
 
     with Image.open(first) as one, Image.open(second) as other:
         return ImageChops.difference(one.convert("RGB"), other.convert("RGB")).getbbox() is None
+
+
+def blend_form(rows, method="concat", rank=0):
+    """The Blend tab's values: its rows (file, weight, block weights), then method, rank and density."""
+    rows = [list(row) for row in rows] + [[None, 1.0, ""]] * (webui.SLOT_COUNT - len(rows))
+    return [value for row in rows for value in row] + [method, rank, 0.5]
+
+
+def test_bad_block_weights_of_a_blend_row_are_told_by_the_row_and_nothing_is_written(served, folders):
+    """A blend row's block weights are checked as the Generate tab's are (against the model's own blocks), told by
+    their row in one line, before any file is written."""
+    session, client = served
+    cases = [
+        ([("alpha.safetensors", 0.5, ""), ("beta.safetensors", 0.5, "down=lots")],
+         "Block weights of adapter 2: down must be a number, got 'lots'"),
+        ([("alpha.safetensors", 0.5, "up.7=0")],
+         "Block weights of adapter 1: up.7: the model has no such block (its blocks: down.0–down.1, up.0–up.1)"),
+        ([("alpha.safetensors", 0.5, ""), ("beta.safetensors", 0.5, "mid=1,mid=0")],
+         "Block weights of adapter 2: 'mid=1' and 'mid=0' both set block mid; give each block once"),
+    ]
+    for rows, expected in cases:
+        with pytest.raises(AppError) as caught:
+            client.predict(*blend_form(rows), "blocked", "difflora", api_name="/blend_save")
+        assert str(caught.value) == expected
+        assert not (folders.lora_dir / "blocked.safetensors").exists()
+
+
+def test_the_generate_apis_adapter_rows_are_checked_row_by_row(served):
+    """The API's adapter rows: anything but a list of [file, weight, enabled, block_weights] is refused in one line
+    naming the row, and any row number is told by its place, past the rows a page starts with."""
+    session, client = served
+    settings = generate_form()[:-1]
+    rows = [["alpha.safetensors", 0.5, True, ""]] + [[None, 1.0, True, ""]] * 5 + [["beta.safetensors", 150, True, ""]]
+    cases = [
+        (5, "Adapters: must be a list of [file, weight, enabled, block_weights] rows, got 5"),
+        ([["alpha.safetensors", 0.5, True, ""], ["beta.safetensors", 1.0]],
+         "Adapters: row 2 must be [file, weight, enabled, block_weights], got ['beta.safetensors', 1.0]"),
+        ([[7, 0.5, True, ""]], "Adapters: row 1: the file must be a name, got 7"),
+        (rows, "Weight of adapter 7: must be a finite number in [-100, 100], got 150.0"),
+    ]
+    for adapters, expected in cases:
+        with pytest.raises(AppError) as caught:
+            client.predict(*settings, adapters, api_name="/generate")
+        assert str(caught.value) == expected
+
+
+def test_the_train_apis_more_options_are_checked_and_told_by_their_field(served):
+    """An API client sets "More options" as a dict by name: an option the tab does not set, or a value the training
+    config refuses, is one line in the words of the page's field, and no run starts."""
+    session, client = served
+    cases = [
+        ({"algo": "lohx"}, "Algo: "),
+        ({"conv_rank": -3}, "Conv rank: "),
+        ({"resume": "latest"}, "'resume' is not an option the Train tab sets"),
+    ]
+    for more, expected in cases:
+        with pytest.raises(AppError) as caught:
+            client.predict(*train_form("cats"), more, api_name="/train_start")
+        assert str(caught.value).startswith(expected) and "\n" not in str(caught.value), str(caught.value)
+        assert "--" not in str(caught.value)
+    assert session.training.status().state == "idle"

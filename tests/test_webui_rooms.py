@@ -1,5 +1,6 @@
-"""The web UI's rooms: gradio lives in ``difflora/webui/page.py`` alone (the package imports, and ``main`` says what is
-missing, without it); the three ways to start the UI answer ``--help``; errors are told by the page's field labels."""
+"""The web UI's rooms: gradio lives in the modules that build the page alone (the package imports, and ``main``
+says what is missing, without it); the three ways to start the UI answer ``--help``; errors are told by the page's
+field labels."""
 
 import ast
 import subprocess
@@ -41,12 +42,15 @@ def run_python(code: str, *args: str) -> subprocess.CompletedProcess:
 
 
 def test_only_the_page_imports_gradio():
+    """The modules that build the page (``page.py``, ``page_kit.py``, one ``tab_*.py`` per tab) and no other."""
     importers = sorted(
         str(path.relative_to(REPO))
         for path in PACKAGE.rglob("*.py")
         if "gradio" in runtime_imports(ast.parse(path.read_text(encoding="utf-8")))
     )
-    assert importers == ["difflora/webui/page.py"]
+    tabs = sorted(str(path.relative_to(REPO)) for path in (PACKAGE / "webui").glob("tab_*.py"))
+    assert len(tabs) == 4
+    assert importers == sorted(["difflora/webui/page.py", "difflora/webui/page_kit.py", *tabs])
 
 
 def test_the_package_imports_without_gradio():
@@ -107,17 +111,17 @@ def form_error(parse, values) -> InvalidArgumentError:
 
 def generate_values(steps=3) -> list:
     form = ["a castle", "", steps, 5.0, 0, False, 64, 64, "Model default", 1, False]
-    return form + [None, 1.0, True, ""] * SLOT_COUNT
+    return form + [[[None, 1.0, True, ""]] * 2]
 
 
 def test_errors_are_told_by_the_label_of_their_field():
     pytest.importorskip("gradio")
-    from difflora.webui.page import BLEND_LABELS, GENERATE_LABELS, TRAIN_LABELS, _progress_html, in_field_words
+    from difflora.webui.page import BLEND_LABELS, GENERATE_LABELS, TRAIN_LABELS, progress_html, in_field_words
     from difflora.webui.training_job import TrainingStatus
 
     steps = form_error(GenerateRequest.from_form, generate_values(steps=0))
     assert in_field_words(steps, GENERATE_LABELS) == "Steps: must be a whole number >= 1, got 0"
-    blend_values = [None, 1.0] * SLOT_COUNT + ["svd", -1, 0.5]
+    blend_values = [None, 1.0, ""] * SLOT_COUNT + ["svd", -1, 0.5]
     rank = form_error(BlendRequest.from_form, blend_values)
     assert in_field_words(rank, BLEND_LABELS) == "Rank (svd, ties, dare): must be a whole number >= 0, got -1"
     with pytest.raises(InvalidArgumentError) as caught:
@@ -152,7 +156,7 @@ def test_errors_are_told_by_the_label_of_their_field():
     # A training run that fails on bad input in the background is told in the Train tab's words too.
     error = InvalidArgumentError("lr must be > 0, got -1.0", "lr")
     failed = TrainingStatus("failed", name="x", message=f"training failed: {error}", error=error)
-    assert "training failed: Learning rate: must be &gt; 0, got -1.0" in _progress_html(failed)
+    assert "training failed: Learning rate: must be &gt; 0, got -1.0" in progress_html(failed)
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), 1e38, 150, -100.5, "lots"], ids=str)
@@ -169,14 +173,13 @@ def test_a_weight_is_checked_once_by_the_librarys_rule_and_told_with_its_range(v
     assert "[-100, 100]" in reason or "must be a number" in reason
 
     values = generate_values()
-    second_row = len(GenerateRequest.FORM_FIELDS) + len(GenerateRequest.SLOT_FIELDS)
-    values[second_row:second_row + 2] = ["beta.safetensors", value]
+    values[-1] = [[None, 1.0, True, ""], ["beta.safetensors", value, True, ""]]  # the second row
     assert in_field_words(form_error(GenerateRequest.from_form, values), GENERATE_LABELS) == (
         f"Weight of adapter 2: {reason}")
     tagged = form_error(parse_prompt_loras, f"a castle <lora:beta:{value}>")
     assert tagged.parameter == "prompt"
     assert in_field_words(tagged, GENERATE_LABELS) == f"Prompt: tag <lora:beta:{value}>: weight {reason}"
-    blend_values = ["alpha.safetensors", value] + [None, 1.0] * (SLOT_COUNT - 1) + ["concat", 0, 0.5]
+    blend_values = ["alpha.safetensors", value, ""] + [None, 1.0, ""] * (SLOT_COUNT - 1) + ["concat", 0, 0.5]
     assert in_field_words(form_error(BlendRequest.from_form, blend_values), BLEND_LABELS) == (
         f"Weight of adapter 1: {reason}")
     with pytest.raises(InvalidArgumentError) as caught:
@@ -188,5 +191,7 @@ def test_weights_at_the_ends_of_the_range_are_accepted():
     _, slots = parse_prompt_loras("<lora:a:-100> <lora:b:100> <lora:c>")
     assert [(slot.file, slot.weight) for slot in slots] == [("a.safetensors", -100.0), ("b.safetensors", 100.0),
                                                             ("c.safetensors", 1.0)]
-    blend_values = ["a.safetensors", -100, "b.safetensors", 100] + [None, 1.0] * (SLOT_COUNT - 2) + ["concat", 0, 0.5]
-    assert BlendRequest.from_form(blend_values).adapters == [("a.safetensors", -100.0), ("b.safetensors", 100.0)]
+    blend_values = ["a.safetensors", -100, "", "b.safetensors", 100, ""] + [None, 1.0, ""] * (SLOT_COUNT - 2) + [
+        "concat", 0, 0.5]
+    adapters = BlendRequest.from_form(blend_values).adapters
+    assert [(slot.file, slot.weight) for slot in adapters] == [("a.safetensors", -100.0), ("b.safetensors", 100.0)]

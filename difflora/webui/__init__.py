@@ -4,7 +4,7 @@
     python webui/app.py --model MODEL --lora-dir DIR
     python -m difflora.webui --model MODEL --lora-dir DIR
 
-The rooms, lowest first; only :mod:`~difflora.webui.page` imports gradio, so importing this package does not:
+The rooms, lowest first; only the page's modules import gradio, so importing this package does not:
 
 - :mod:`~difflora.webui.library`: the adapter folder (:func:`resolve_inside`, :class:`AdapterLibrary`).
 - :mod:`~difflora.webui.requests`: what the forms ask for (:class:`GenerateRequest`, :class:`BlendRequest`,
@@ -12,7 +12,8 @@ The rooms, lowest first; only :mod:`~difflora.webui.page` imports gradio, so imp
 - :mod:`~difflora.webui.training_job`: one training run at a time, in the background (:class:`TrainingJob`).
 - :mod:`~difflora.webui.session`: :class:`WebUISession`, the one pipeline and its runtime; every action of the page
   is one of its methods, calling the same library functions the CLI calls. Tests call them directly.
-- :mod:`~difflora.webui.page`: the Gradio page (:func:`build_app`).
+- :mod:`~difflora.webui.page`: the Gradio page (:func:`build_app`), one module per tab (``tab_generate``,
+  ``tab_blend``, ``tab_inspect``, ``tab_train``) and what they share (``page_kit``): the modules that import gradio.
 - here: :func:`main`, the command (options, loading the model, launching).
 
 Safety: the server binds to 127.0.0.1 unless ``--host`` says otherwise and makes no public link unless ``--share``.
@@ -49,6 +50,7 @@ from .requests import (
     BlendRequest,
     GenerateRequest,
     TrainRequest,
+    more_training_options,
     parse_prompt_loras,
 )
 from .session import BLEND_PREVIEW_ADAPTER, GenerateResult, SavedBlend, WebUISession
@@ -76,6 +78,7 @@ __all__ = [
     "build_app",
     "build_parser",
     "main",
+    "more_training_options",
     "parse_prompt_loras",
     "resolve_inside",
 ]
@@ -89,7 +92,7 @@ def build_app(session: WebUISession) -> gradio.Blocks:
 
 
 def _page() -> ModuleType:
-    """:mod:`difflora.webui.page`, the one module that imports gradio; without gradio, a one-line error."""
+    """:mod:`difflora.webui.page`, which imports gradio (as the tabs' modules do); without it, a one-line error."""
     try:
         from . import page
     except ImportError as error:

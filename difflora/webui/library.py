@@ -3,8 +3,8 @@
 Every name a user gives goes through :func:`resolve_inside`, which refuses anything leading outside the folder
 (``../x``, absolute paths, symlinks pointing out); the Train tab's dataset folders go through it too, inside their
 own root (``--data-root``). :class:`AdapterLibrary` lists the folder's top-level ``*.safetensors`` files and keeps a
-summary of each per :class:`FileKey`, so listing again reads only new or changed files. :func:`format_summary` and
-:meth:`AdapterLibrary.table` are what the page shows of them (Markdown).
+summary of each per :class:`FileKey`, so listing again reads only new or changed files. :func:`format_summary`,
+:func:`kinds_text` and :meth:`AdapterLibrary.table` are what the page shows of them (Markdown).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ __all__ = [
     "adapter_file_name",
     "existing_folder",
     "format_summary",
+    "kinds_text",
     "markdown_cell",
     "resolve_inside",
 ]
@@ -146,21 +147,34 @@ class AdapterLibrary:
         names = self.names()
         if not names:
             return f"No adapters in `{self.root}` yet: add `.safetensors` files there, train one, or save a blend."
-        rows = ["| file | format | rank(s) | trigger words |", "| --- | --- | --- | --- |"]
+        rows = ["| file | format | algorithms and layers | rank(s) | trigger words |",
+                "| --- | --- | --- | --- | --- |"]
         for name in names:
             summary = self.summary(name)
             if "error" in summary:
-                rows.append(f"| {markdown_cell(name)} | unreadable | | {markdown_cell(summary['error'])} |")
+                rows.append(f"| {markdown_cell(name)} | unreadable | | | {markdown_cell(summary['error'])} |")
             else:
                 ranks = ", ".join(map(str, summary["ranks"]))
                 words = markdown_cell(", ".join(summary["trigger_words"]))
-                rows.append(f"| {markdown_cell(name)} | {summary['format']} | {ranks} | {words} |")
+                kinds = markdown_cell(kinds_text(summary))
+                rows.append(f"| {markdown_cell(name)} | {summary['format']} | {kinds} | {ranks} | {words} |")
         return "\n".join(rows)
 
 
 def markdown_cell(text: str) -> str:
     """Text made safe for one Markdown table cell (or list item)."""
     return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def kinds_text(summary: dict) -> str:
+    """What an adapter is made of, in a line: its algorithms, then per component the kinds of layer it adapts
+    (``loha, lora+dora · unet: conv 3x3 4, linear 12 · text_encoder: linear 6``), from ``describe_adapter``."""
+    if "error" in summary:
+        return f"unreadable: {summary['error']}"
+    algorithms = ", ".join(summary.get("algorithms") or ["lora"])
+    layers = [f"{component}: " + ", ".join(f"{kind} {count}" for kind, count in kinds.items())
+              for component, kinds in summary.get("layer_kinds", {}).items()]
+    return " · ".join([algorithms, *layers])
 
 
 def format_summary(summary: dict, title: str) -> str:

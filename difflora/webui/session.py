@@ -23,11 +23,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from .._files import atomic_path
 from ..adapter import AdapterState
-from ..blend import BlendResult, blend
+from ..blend import BlendResult, blend, scale_adapter
 from ..blocks import BlockWeights
 from ..errors import AdapterFileError, DiffloraError, InvalidArgumentError
+from ..extract import layer_weights
 from ..formats import WRITE_LAYOUTS, read_adapter, write_adapter
 from ..generate import AdapterUse, GenerationSettings, generate, save_png
 from ..keys import ADAPTER_SUFFIX, adapter_name_from_path
@@ -66,8 +69,8 @@ class SavedBlend:
 def error_report(result: BlendResult, method: str) -> str:
     """Markdown summary of a blend's per-module relative errors ‖ΔW_exact − ΔW_result‖ / ‖ΔW_exact‖."""
     lines = [error_summary(result.relative_errors)]
-    if method == "concat":
-        lines.append("(concat is exact: the blend equals the weighted sum of the adapters)")
+    if result.relative_errors and result.max_relative_error == 0.0:
+        lines.append(f"({method} is exact here: the blend equals the weighted sum of the adapters)")
     elif result.relative_errors:
         lines += ["", "| module | relative error |", "| --- | --- |"]
         lines += [f"| `{module}` | {error:.3e} |" for module, error in worst_modules(result.relative_errors)]
@@ -159,13 +162,7 @@ class WebUISession:
         repeated = sorted({file for file in files if files.count(file) > 1})
         if repeated:
             raise InvalidArgumentError(f"adapter {repeated[0]} is selected twice (slots or <lora:…> tags); use it once")
-        checked = []
-        for slot in slots:
-            block_weights = BlockWeights()
-            if slot.block_weights and slot.block_weights.strip():
-                with _told_as(slot, "block_weights"):
-                    block_weights = BlockWeights.parse(slot.block_weights, "block_weights")
-            checked.append((slot, block_weights))
+        checked = [(slot, _parsed_block_weights(slot)) for slot in slots]
         for slot, _ in checked:
             self.library.path_of(slot.file)
         return checked
@@ -318,12 +315,32 @@ class WebUISession:
         """The weighted blend of the request's files (read fresh: blending is an explicit, rare action)."""
         if not request.adapters:
             raise InvalidArgumentError("blend: choose at least one adapter")
-        states = [(read_adapter(self.library.path_of(file)), weight) for file, weight in request.adapters]
-        return blend(states, method=request.method, rank=request.rank, density=request.density)
+        states = []
+        for slot, block_weights in [(slot, _parsed_block_weights(slot)) for slot in request.adapters]:
+            state = read_adapter(self.library.path_of(slot.file))
+            if not block_weights.is_identity:  # the row's block weights, as the Generate tab would apply them
+                with _told_as(slot, "block_weights"):
+                    block_weights.check_blocks(self.runtime.unet_blocks())
+                    state = scale_adapter(state, 1.0, block_weights)
+            states.append((state, slot.weight))
+        options = {"method": request.method, "rank": request.rank, "density": request.density}
+        dora = {key for state, _ in states for key, module in state.modules.items() if module.dora_scale is not None}
+        if dora:  # DoRA's change depends on the base weights: the model's own (blend refuses DoRA without them)
+            options["base_weights"] = self._base_weights(dora)
+        return blend(states, **options)
+
+    def _base_weights(self, module_keys: set[str]) -> dict[str, torch.Tensor]:
+        """The model's own weights of the layers ``module_keys`` name, copied under the lock (unfused first: a fused
+        mix is in the weights; the next generation fuses it again when asked)."""
+        with self.lock:
+            if self.runtime.fused:
+                self.runtime.unfuse()
+            return {key: weight.clone() for key, weight in layer_weights(self.runtime.components, module_keys).items()}
 
     def preview_blend(self, request: BlendRequest, generation: GenerateRequest,
-                      progress: Callable[[int, int], None] | None = None) -> tuple[Image.Image, int]:
-        """One image of the blend alone (other adapters and prompt tags off) with the Generate tab's settings.
+                      progress: Callable[[int, int], None] | None = None) -> tuple[Image.Image, int, str]:
+        """One image of the blend alone (other adapters and prompt tags off) with the Generate tab's settings, its
+        seed, and the blend's per-module error (:func:`error_report`).
 
         The blend is added to the runtime under a temporary name for this image and removed afterwards.
         """
@@ -338,7 +355,7 @@ class WebUISession:
                 image = generate(self.pipe, settings, callback=progress)[0]
             finally:
                 self.runtime.remove(BLEND_PREVIEW_ADAPTER)
-        return image, settings.seed
+        return image, settings.seed, error_report(result, request.method)
 
     def save_blend(self, request: BlendRequest, name: str, layout: str = "difflora") -> SavedBlend:
         """Write the blend into the adapter folder as ``name`` (an existing file is never overwritten)."""
@@ -349,7 +366,9 @@ class WebUISession:
         if path.exists():
             raise InvalidArgumentError(f"{file} already exists in the adapter folder; choose another name")
         result = self.blend(request)
-        sources = ", ".join(f"{source}:{weight:g}" for source, weight in request.adapters)
+        sources = ", ".join(f"{slot.file}:{slot.weight:g}" + (f" ({slot.block_weights.strip()})"
+                                                               if slot.block_weights.strip() else "")
+                            for slot in request.adapters)
         write_adapter(result.state, path, {"difflora.blend_sources": sources}, layout=layout)
         report = f"Saved `{file}` ({layout} format) in the adapter folder.\n\n" + error_report(result, request.method)
         return SavedBlend(path, report)
@@ -373,6 +392,14 @@ class WebUISession:
         with atomic_path(path) as temporary:
             shutil.copyfile(uploaded, temporary)
         return file
+
+
+def _parsed_block_weights(slot: AdapterSlot) -> BlockWeights:
+    """The slot's block weights parsed (none: 1 everywhere), a bad one told by the slot's own field."""
+    if not (slot.block_weights and slot.block_weights.strip()):
+        return BlockWeights()
+    with _told_as(slot, "block_weights"):
+        return BlockWeights.parse(slot.block_weights, "block_weights")
 
 
 @contextlib.contextmanager
