@@ -12,6 +12,7 @@ import json
 import logging
 
 import pytest
+import diffusers.utils.logging
 import torch
 from safetensors.torch import save_file
 
@@ -251,8 +252,16 @@ def test_diffusers_prediction_is_what_the_installed_diffusers_does(tiny_model_di
     tensors, header = read_safetensors(path)
     report = compat_report(tensors, header, parse_state_dict(tensors, header))[0]
     assert report.tool == "diffusers" and ("SDXL" in report.target) == (model == "sdxl")
-    with caplog.at_level(logging.WARNING):
-        real = what_diffusers_did(make_pipe, path)
+    # Another test may have quieted diffusers (difflora's commands do: _libraries.quiet_libraries); its warnings are
+    # part of what is checked here.
+    verbosity = diffusers.utils.logging.get_verbosity()
+    diffusers.utils.logging.set_verbosity_warning()
+    diffusers.utils.logging.enable_propagation()
+    try:
+        with caplog.at_level(logging.WARNING):
+            real = what_diffusers_did(make_pipe, path)
+    finally:
+        diffusers.utils.logging.set_verbosity(verbosity)
     if real is None:
         assert by_code == "fails" and not report.loads, report.failure
         return

@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 import difflora.pipelines
 from difflora.cli import main
 from difflora.errors import DiffloraError, first_line
-from difflora.webui import BlendRequest, WebUISession
+from difflora.webui import AdapterSlot, BlendRequest, WebUISession
 
 ROOT = Path(__file__).resolve().parent.parent
 TO_Q = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
@@ -433,7 +433,8 @@ def test_web_ui_refuses_a_hostile_upload_in_one_line(kind, session, hostile_file
 @pytest.mark.parametrize("kind", UI_KINDS)
 def test_web_ui_blend_of_a_hostile_file_is_one_line(kind, method, session, hostile_files, good_file):
     name = hostile_files[kind].name
-    request = BlendRequest([(good_file.name, 1.0), (name, 0.5)], method=method, rank=2 if method == "svd" else None)
+    request = BlendRequest([AdapterSlot(good_file.name, 1.0), AdapterSlot(name, 0.5)], method=method,
+                           rank=2 if method == "svd" else None)
     before = snapshot(session.root)
     problems = error_problems(lambda: session.blend(request), name)
     problems += error_problems(lambda: session.save_blend(request, f"mixed-{kind}-{method}"), name)
