@@ -161,13 +161,13 @@ class LoRARuntime:
                 yield module_key, branch.adapters[name]
 
     def _refresh_multipliers(self, *names: str) -> None:
-        """Give each branch the multiplier of each of ``names``: weight × the branch's block factor (0 when off)."""
-        infos = [(name, self._adapters[name]) for name in names]
+        """Each branch's multiplier of ``names``: weight × its block factor (0 when off; no lookup without them)."""
+        infos = [(name, info, info.weight * info.enabled if info.block_weights.is_identity or not info.enabled
+                  else None) for name in names for info in [self._adapters[name]]]
         for module_key, branch, _ in self._branches():
-            component, _, path = module_key.partition(".")
-            for name, info in infos:
-                factor = info.block_weights.factor(component, path) if info.enabled else 0.0
-                branch.set_multiplier(name, info.weight * factor)
+            for name, info, same_everywhere in infos:
+                branch.set_multiplier(name, same_everywhere if same_everywhere is not None else info.weight *
+                                      info.block_weights.factor(*module_key.split(".", 1)))
 
     @contextlib.contextmanager
     def _changing(self) -> Iterator[None]:
