@@ -3,6 +3,8 @@
 import contextlib
 import socket
 
+import torch
+
 from difflora import LoRARuntime
 from difflora.adapter import AdapterState
 
@@ -33,3 +35,14 @@ def served_app(session):
         yield f"http://127.0.0.1:{port}/"
     finally:
         app.close()
+
+
+def outputs(pipe) -> tuple[torch.Tensor, torch.Tensor]:
+    """The UNet's prediction and the text encoder's hidden states for fixed inputs: what the kind, layer, DoRA and
+    extract tests compare between a runtime and an independent merge."""
+    generator = torch.Generator().manual_seed(1)
+    latents = torch.randn(1, 4, 16, 16, generator=generator)
+    context = torch.randn(1, 77, pipe.unet.config.cross_attention_dim, generator=generator)
+    with torch.no_grad():
+        return (pipe.unet(latents, torch.tensor([500]), context).sample,
+                pipe.text_encoder(torch.tensor([[1, 5, 9, 2]]))[0])

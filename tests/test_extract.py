@@ -11,6 +11,7 @@ from difflora.errors import InvalidArgumentError
 from difflora.extract import ExtractOptions, extract_lora, layer_low_rank
 from difflora.formats import read_adapter
 from difflora.pipelines import load_pipeline
+from helpers import outputs
 
 CHANGED = {  # module key → what it is on the tiny model
     "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q": "attention projection",
@@ -53,15 +54,6 @@ def tuned_copy(tiny_model_dir, rank, seed=0, noise=0.0):
                 changes[key] += noise * torch.randn(weight.shape, generator=torch.Generator().manual_seed(99 + index))
             weight += changes[key]
     return tuned, changes
-
-
-def outputs(pipe):
-    generator = torch.Generator().manual_seed(1)
-    latents = torch.randn(1, 4, 16, 16, generator=generator)
-    context = torch.randn(1, 77, pipe.unet.config.cross_attention_dim, generator=generator)
-    with torch.no_grad():
-        return (pipe.unet(latents, torch.tensor([500]), context).sample,
-                pipe.text_encoder(torch.tensor([[1, 5, 9, 2]]))[0])
 
 
 def best_error(matrix, rank):

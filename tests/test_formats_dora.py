@@ -20,6 +20,7 @@ from difflora.errors import AdapterFileError
 from difflora.formats import read_adapter, write_adapter, write_peft_folder
 from difflora.generate import GenerationSettings, generate
 from difflora.pipelines import load_pipeline
+from helpers import outputs
 
 # Every kind of layer PEFT's DoRA adapts on the tiny model: an attention projection (difflora's processor), the
 # attention output, a Linear, a 1×1 conv (SD 1.x's proj_in), a 3×3 conv, and CLIP's attention and MLP.
@@ -63,15 +64,6 @@ def with_peft_dora(pipe, how: str, seed: int = 0):
             models.append(model)
         trained_looking(model, seed)
     return models
-
-
-def outputs(pipe):
-    generator = torch.Generator().manual_seed(1)
-    latents = torch.randn(1, 4, 16, 16, generator=generator)
-    context = torch.randn(1, 77, pipe.unet.config.cross_attention_dim, generator=generator)
-    with torch.no_grad():
-        return (pipe.unet(latents, torch.tensor([500]), context).sample,
-                pipe.text_encoder(torch.tensor([[1, 5, 9, 2]]))[0])
 
 
 def assert_close(ours, reference, base):

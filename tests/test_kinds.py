@@ -8,6 +8,7 @@ import torch
 from difflora import LoRARuntime
 from difflora.adapter import AdapterState, FullModuleWeights, LoHaModuleWeights, LoKrModuleWeights, LoRAModuleWeights
 from difflora.pipelines import load_pipeline
+from helpers import outputs
 
 LAYERS = {  # module key → (what it is) on the tiny model
     "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q": "attention projection (processor)",
@@ -71,15 +72,6 @@ def merged_by_hand(weight, changes):
             norms = target.flatten(1).norm(dim=1).reshape(-1, *[1] * (target.ndim - 1))
             merged = merged + multiplier * (magnitude.reshape(norms.shape) * target / norms - merged)
     return merged
-
-
-def outputs(pipe):
-    generator = torch.Generator().manual_seed(1)
-    latents = torch.randn(1, 4, 16, 16, generator=generator)
-    context = torch.randn(1, 77, pipe.unet.config.cross_attention_dim, generator=generator)
-    with torch.no_grad():
-        return (pipe.unet(latents, torch.tensor([500]), context).sample,
-                pipe.text_encoder(torch.tensor([[1, 5, 9, 2]]))[0])
 
 
 def assert_close(ours, reference, base):

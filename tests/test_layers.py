@@ -14,6 +14,7 @@ from difflora.adapter import AdapterState, LoRAModuleWeights
 from difflora.errors import AdapterShapeError
 from difflora.keys import CLIP_PROJECTIONS, UNET_PROJECTIONS
 from difflora.pipelines import load_pipeline
+from helpers import outputs
 
 
 PROJECTIONS = tuple("." + projection for projection in UNET_PROJECTIONS + CLIP_PROJECTIONS)
@@ -61,15 +62,6 @@ def merged_by_hand(pipe, state: AdapterState, multiplier_of) -> None:
             else:
                 delta = torch.einsum("op,pqhw,qi->oihw", up, module.mid, down)
             layer.weight += multiplier_of(key) * (module.alpha / module.rank) * delta
-
-
-def outputs(pipe):
-    generator = torch.Generator().manual_seed(1)
-    latents = torch.randn(1, 4, 16, 16, generator=generator)
-    context = torch.randn(1, 77, pipe.unet.config.cross_attention_dim, generator=generator)
-    with torch.no_grad():
-        return (pipe.unet(latents, torch.tensor([500]), context).sample,
-                pipe.text_encoder(torch.tensor([[1, 5, 9, 2]]))[0])
 
 
 def close(ours, theirs, effect_from):
